@@ -1,0 +1,489 @@
+"""
+The diffusion-native latent reward model, in one file.
+
+A pretrained text-to-image MMDiT (SD3-family, loaded with diffusers) reads a noisy VAE latent
+x_t and its prompt; the hidden states after a few of its blocks (the "tap") go to a small head
+that outputs one scalar reward. Three published heads are implemented side by side:
+
+  dina  DiNa-LRM  "Beyond VLM-Based Rewards: Diffusion-Native Latent Reward Modeling"
+        FiLM per tapped layer + gated Q-Former, noise-calibrated Thurstone loss,
+        multi-noise ensembling by token concatenation.
+  drm   DRM       "Diffusion-based Reward Model with Step-wise Guidance"
+        21/24 blocks, the backbone's own final norm + projection, a small conv net; Bradley-Terry.
+  ditr  DiT-Reward "DiT-Reward: Generative Representations for Text-to-Image Reward Modeling"
+        layer-normalised, token-pooled middle-to-late layers, softmax layer weights, small MLP.
+
+This file holds: backbone presets and loading (everything through diffusers), DiTTap, the heads,
+RewardModel, the flow-matching math (noising, sigmas) and the losses, and the checkpoint I/O.
+Stages (train_reward.py, eval_reward.py, ...) import from here.
+
+Deviations from the papers / released code (honest notes):
+- The DiNa head LayerNorms each tapped stream (no affine) before FiLM; SD3 hidden states have
+  large, layer-dependent scales and the head starts more stably this way.
+- thurstone_loss uses sigma_u**2 = 0.01 as the variance floor (the paper); the released DiNa
+  code uses 0.05. Set --sigma-u 0.2236 to match the code.
+"""
+
+import json
+import math
+import os
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+# -----------------------------------------------------------------------------
+# Backbone presets: one size dial, as DiT's model dict. Per head: blocks kept and taps (1-based,
+# tap i = output of transformer_blocks[i-1]). `width` is the head's working width.
+
+BACKBONES = {
+    # random tiny SD3 pipeline built in memory from a seed (tests): 4 blocks, width 32, patch 2
+    "tiny": dict(path=None, blocks=dict(dina=3, drm=4, ditr=4), taps=dict(dina=(1, 2, 3), drm=(4,), ditr=(2, 3, 4)),
+                 proj=16, conv=(16, 32, 32), mlp=32),
+    # the toy generator written by toy.py (6 blocks, width 128, patch 1 on 8x8x4 latents)
+    "toy": dict(path="out/toy/pipeline", blocks=dict(dina=4, drm=5, ditr=5), taps=dict(dina=(2, 3, 4), drm=(5,), ditr=(3, 4, 5)),
+                proj=32, conv=(64, 128, 128), mlp=128),
+    # SD3.5-M, 24 blocks of width 1536. DiNa: blocks 4/8/12 of the first 12 (paper Sec. 3);
+    # DRM: first 21 blocks (paper Sec. 3.1); DiT-Reward: middle-to-late layers (our pick for M).
+    "sd35m": dict(path="stabilityai/stable-diffusion-3.5-medium", blocks=dict(dina=12, drm=21, ditr=18),
+                  taps=dict(dina=(4, 8, 12), drm=(21,), ditr=(10, 14, 18)), proj=384, conv=(256, 512, 512), mlp=512),
+    # SD3.5-L, 38 blocks of width 2432. DiT-Reward's backbone: middle-to-late layers (paper: best
+    # layers are middle-to-late); DiNa/DRM at the same relative depths as on M (our choice).
+    "sd35l": dict(path="stabilityai/stable-diffusion-3.5-large", blocks=dict(dina=19, drm=33, ditr=28),
+                  taps=dict(dina=(6, 13, 19), drm=(33,), ditr=(16, 22, 28)), proj=608, conv=(256, 512, 512), mlp=512),
+}
+HEADS = ("dina", "drm", "ditr")
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def check_names(backbone, head):
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {list(HEADS)}")
+
+
+def write_char_tokenizer(folder):
+    """A CLIP tokenizer written locally: one token per character, no merges (tiny/toy only)."""
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in chars:
+            vocab[c + suffix] = len(vocab)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    from transformers import CLIPTokenizer
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                         unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77)
+
+
+def make_tiny_pipeline(seed=0, size="tiny"):
+    """A random SD3 pipeline with the real architecture at toy scale (two CLIP encoders, no T5).
+    size="tiny": 4 blocks, width 32, patch 2 (tests). size="toy": 6 blocks, width 128, patch 1
+    (toy.py trains it). Both encode 32x32 RGB images to 8x8x4 latents."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    tiny = size == "tiny"
+    tokenizer = write_char_tokenizer(tempfile.mkdtemp(prefix="char_tokenizer_"))
+    torch.manual_seed(seed)
+    h = 16 if tiny else 32  # CLIP width; prompt_embeds = cat(clip_l, clip_g) padded to joint_attention_dim
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, projection_dim=h, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    width, heads = (32, 2) if tiny else (128, 4)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2 if tiny else 1, in_channels=4, num_layers=4 if tiny else 6,
+        attention_head_dim=width // heads, num_attention_heads=heads, joint_attention_dim=2 * h,
+        caption_projection_dim=width, pooled_projection_dim=2 * h, out_channels=4, pos_embed_max_size=16,
+        dual_attention_layers=(0, 1), qk_norm="rms_norm")  # dual attention + RMS qk-norm: the SD3.5 path
+    ch = (8, 16, 16) if tiny else (32, 64, 64)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=ch, layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.0, scaling_factor=1.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=clip(), tokenizer=tokenizer, text_encoder_2=clip(), tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None)
+
+
+def resolve_path(backbone, path=None):
+    path = path or BACKBONES[backbone]["path"]
+    if backbone == "toy" and path == BACKBONES["toy"]["path"] and not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: the toy backbone is not built yet; run `python toy.py` first")
+    return path
+
+
+def load_pipeline(backbone, path=None, seed=0, with_transformer=True, dtype=torch.float32):
+    """The diffusers pipeline (VAE + text encoders [+ transformer]). Used for encoding the cache."""
+    check_names(backbone, "dina")
+    if backbone == "tiny" and path is None:
+        return make_tiny_pipeline(seed)
+    from diffusers import StableDiffusion3Pipeline
+    path = resolve_path(backbone, path)
+    kw = {} if with_transformer else dict(transformer=None)
+    if not os.path.isdir(os.path.join(path, "text_encoder_3")) and os.path.isdir(path):
+        kw.update(text_encoder_3=None, tokenizer_3=None)  # toy pipelines ship only the two CLIP encoders
+    return StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, **kw)
+
+
+def load_transformer(backbone, path=None, seed=0, dtype=torch.float32):
+    """The SD3Transformer2DModel only (no VAE, no text encoders: training reads the cache)."""
+    if backbone == "tiny" and path is None:
+        return make_tiny_pipeline(seed).transformer  # float32, as the tests want
+    from diffusers import SD3Transformer2DModel
+    return SD3Transformer2DModel.from_pretrained(resolve_path(backbone, path), subfolder="transformer", torch_dtype=dtype)
+
+
+@torch.no_grad()
+def make_encoders(pipe, device="cpu", max_text_len=77):
+    """Wrap a pipeline as the two callables the cache builder needs.
+    encode_images: (B,3,H,W) in [-1,1] -> normalised latents (B,C,H/8,W/8), (z - shift) * scale.
+    encode_prompts: list[str] -> prompt_embeds (B, 77 + max_text_len, D), pooled (B, P)."""
+    vae = pipe.vae.to(device)
+    shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_images(x):
+        z = vae.encode(x.to(device, vae.dtype)).latent_dist.mean  # the posterior mean: deterministic cache
+        return ((z - shift) * scale).float().cpu()
+
+    @torch.no_grad()
+    def encode_prompts(prompts):
+        pe, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device,
+                                              do_classifier_free_guidance=False, max_sequence_length=max_text_len)
+        return pe.float().cpu(), pooled.float().cpu()
+    return encode_images, encode_prompts
+
+# -----------------------------------------------------------------------------
+# The tap
+
+
+class DiTTap(nn.Module):
+    """Runs the first n_blocks of an SD3Transformer2DModel and returns the hidden states after the
+    tapped blocks. Keeps references to pos_embed, time_text_embed, context_embedder and the kept
+    blocks only, so the rest of the transformer can be freed."""
+
+    def __init__(self, transformer, n_blocks, taps):
+        super().__init__()
+        assert all(1 <= i <= n_blocks for i in taps), f"taps {taps} must lie in 1..{n_blocks}"
+        assert n_blocks <= len(transformer.transformer_blocks), f"{n_blocks} blocks > {len(transformer.transformer_blocks)}"
+        self.pos_embed, self.time_text_embed = transformer.pos_embed, transformer.time_text_embed
+        self.context_embedder = transformer.context_embedder
+        self.blocks = nn.ModuleList(transformer.transformer_blocks[:n_blocks])
+        self.taps, self.config = tuple(taps), transformer.config
+        self.width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        self.grad_ckpt = False
+
+    def forward(self, latents, t, prompt_embeds, pooled):
+        """latents (B,C,H,W), t (B,) in [0,1] -> temb (B,W), vis [(B,N,W)], txt [(B,L,W) or None]."""
+        C = self.config.in_channels
+        if latents.ndim != 4 or latents.shape[1] != C:
+            raise ValueError(f"latents of shape {tuple(latents.shape)}: this backbone expects (B, {C}, H, W)")
+        x = self.pos_embed(latents).contiguous()  # (B, N, W), N = H*W/p^2
+        temb = self.time_text_embed(1000 * t.to(x.dtype), pooled)  # the transformer takes timestep = 1000 t
+        ctx = self.context_embedder(prompt_embeds)  # (B, L, W)
+        vis, txt = [], []
+        for i, block in enumerate(self.blocks, start=1):
+            if self.grad_ckpt and torch.is_grad_enabled():
+                ctx, x = torch.utils.checkpoint.checkpoint(block, x, ctx, temb, use_reentrant=False)
+            else:
+                ctx, x = block(hidden_states=x, encoder_hidden_states=ctx, temb=temb)
+            if i in self.taps:
+                vis.append(x)
+                txt.append(ctx)  # None after the model's last block (context_pre_only)
+            if i == max(self.taps):
+                break  # running stops after the last block needed
+        return temb, vis, txt
+
+# -----------------------------------------------------------------------------
+# Heads: (temb, vis, txt) -> (B,) float32
+
+
+class FiLM(nn.Module):
+    """x * (1 + g) + b with (g, b) = MLP(temb); zero-initialised, so it starts as the identity."""
+
+    def __init__(self, dim, cond_dim):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
+        nn.init.zeros_(self.mlp[1].weight)
+        nn.init.zeros_(self.mlp[1].bias)
+
+    def forward(self, x, temb):  # x (B,N,D), temb (B,Dc)
+        g, b = self.mlp(temb).unsqueeze(1).chunk(2, dim=-1)
+        return x * (1 + g) + b
+
+
+class CrossAttention(nn.Module):
+    """Queries attend to tokens; with gated=True each token's value is scaled by a sigmoid gate
+    (zero-init, so every gate starts at 0.5): DiNa-LRM's gated Q-Former."""
+
+    def __init__(self, dim, heads, gated=False):
+        super().__init__()
+        self.heads = heads
+        self.q, self.kv, self.out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.gate = nn.Linear(dim, 1) if gated else None
+        if gated:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
+
+    def forward(self, x, ctx):  # x (B,Q,D), ctx (B,N,D)
+        B, Q, D = x.shape
+        q = self.q(x).view(B, Q, self.heads, -1).transpose(1, 2)  # (B,h,Q,d)
+        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B,h,N,d) each
+        if self.gate is not None:
+            v = v * torch.sigmoid(self.gate(ctx)).view(B, 1, -1, 1)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).reshape(B, Q, D))
+
+
+class DinaHead(nn.Module):
+    """DiNa-LRM: per tapped layer and stream LayerNorm -> FiLM(temb) -> + layer embedding ->
+    Linear(W, proj); concat over layers -> Linear(L*proj, W). Then 4 learned queries: gated
+    cross-attention to [vis; txt], visual-only cross-attention, feed-forward, mean over queries,
+    Linear(W, 1)."""
+
+    def __init__(self, width, n_layers, proj, n_queries=4):
+        super().__init__()
+        heads = max(1, width // 64)
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.film = nn.ModuleList(FiLM(width, width) for _ in range(2 * n_layers))  # [vis layers..., txt layers...]
+        self.layer_emb = nn.Parameter(torch.zeros(2 * n_layers, width))
+        self.proj = nn.ModuleList(nn.Linear(width, proj) for _ in range(2 * n_layers))
+        self.fuse_vis, self.fuse_txt = nn.Linear(n_layers * proj, width), nn.Linear(n_layers * proj, width)
+        self.queries = nn.Parameter(torch.randn(1, n_queries, width) * 0.02)
+        self.ln1, self.ln2, self.ln3, self.ln_out = (nn.LayerNorm(width) for _ in range(4))
+        self.attn_joint = CrossAttention(width, heads, gated=True)
+        self.attn_vis = CrossAttention(width, heads)
+        self.ff = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.out = nn.Linear(width, 1)
+
+    def tokens(self, temb, vis, txt):
+        """FiLM-ed, fused tokens at one noise level: (B,N,W), (B,L,W)."""
+        L = len(vis)
+        f = lambda j, x: self.proj[j](self.film[j](self.norm(x), temb) + self.layer_emb[j])
+        v = self.fuse_vis(torch.cat([f(j, x) for j, x in enumerate(vis)], dim=-1))
+        s = self.fuse_txt(torch.cat([f(L + j, x) for j, x in enumerate(txt)], dim=-1))
+        return v, s
+
+    def readout(self, v, s):
+        """Q-Former over tokens (several noise levels may be concatenated along N and L) -> (B,)."""
+        q = self.queries.expand(v.shape[0], -1, -1)
+        q = q + self.attn_joint(self.ln1(q), torch.cat([v, s], dim=1))
+        q = q + self.attn_vis(self.ln2(q), v)
+        q = q + self.ff(self.ln3(q))
+        return self.out(self.ln_out(q.mean(1))).squeeze(-1)
+
+    def forward(self, temb, vis, txt):
+        return self.readout(*self.tokens(temb, vis, txt))
+
+
+class DRMHead(nn.Module):
+    """DRM: the backbone's own final norm (conditioned on temb) and output projection turn the last
+    kept block's visual tokens into a latent-shaped map; three stride-2 3x3 convs with GroupNorm +
+    SiLU (16 -> 256 -> 512 -> 512 at SD3.5 width), global average pool, MLP 512 -> 512 -> 1."""
+
+    def __init__(self, norm_out, proj_out, patch, out_channels, conv=(256, 512, 512)):
+        super().__init__()
+        self.norm_out, self.proj_out, self.patch, self.c = norm_out, proj_out, patch, out_channels
+        layers, c_in = [], out_channels
+        for c in conv:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(min(32, c // 4), c), nn.SiLU()]
+            c_in = c
+        self.convs = nn.Sequential(*layers)
+        self.mlp = nn.Sequential(nn.Linear(c_in, c_in), nn.SiLU(), nn.Linear(c_in, 1))
+        self.hw = None  # (H, W) of the latent, set by RewardModel before each call
+
+    def forward(self, temb, vis, txt):
+        x = self.proj_out(self.norm_out(vis[-1], temb))  # (B, N, p*p*C)
+        B, (H, W), p = x.shape[0], self.hw, self.patch
+        x = x.reshape(B, H // p, W // p, p, p, self.c)
+        x = torch.einsum("nhwpqc->nchpwq", x).reshape(B, self.c, H, W)  # unpatchify, as diffusers does
+        return self.mlp(self.convs(x).mean(dim=(2, 3))).squeeze(-1)
+
+
+class DiTRHead(nn.Module):
+    """DiT-Reward: per tapped layer, LayerNorm the (text-conditioned) image tokens and mean-pool
+    them; combine layers with learned softmax weights (or concatenation); MLP -> scalar."""
+
+    def __init__(self, width, n_layers, hidden=512, combine="softmax"):
+        super().__init__()
+        self.combine = combine
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.layer_logits = nn.Parameter(torch.zeros(n_layers))
+        d = width * n_layers if combine == "concat" else width
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, temb, vis, txt):
+        pooled = torch.stack([self.norm(x).mean(1) for x in vis], dim=1)  # (B, L, W)
+        if self.combine == "concat":
+            f = pooled.flatten(1)
+        else:
+            f = (torch.softmax(self.layer_logits, 0)[None, :, None] * pooled).sum(1)
+        return self.mlp(f).squeeze(-1)
+
+# -----------------------------------------------------------------------------
+# The reward model
+
+
+class RewardModel(nn.Module):
+    """tap + head. forward(latents, t, prompt_embeds, pooled) -> (B,) float32 rewards."""
+
+    def __init__(self, tap, head, kind):
+        super().__init__()
+        self.tap, self.head, self.kind = tap, head, kind
+
+    def forward(self, latents, t, prompt_embeds, pooled):
+        if self.kind == "drm":
+            self.head.hw = tuple(latents.shape[-2:])
+        return self.head(*self.tap(latents, t, prompt_embeds, pooled)).float()
+
+    def score(self, latents, prompt_embeds, pooled, t=0.4, ts=None, generator=None):
+        """Score clean latents: noise them to level t (or to each of ts, with the same noise for
+        every level) and read the reward. Ensembling: DiNa concatenates the FiLM-ed tokens of all
+        levels and runs its Q-Former once (paper Sec. 3.4); the other heads average the scores."""
+        ts = [t] if ts is None else list(ts)
+        eps = torch.randn(latents.shape, generator=generator, device=generator.device if generator else "cpu")
+        eps = eps.to(latents.device, latents.dtype)
+        full = lambda s: torch.full((latents.shape[0],), float(s), device=latents.device)
+        if self.kind != "dina":
+            return torch.stack([self(add_noise(latents, full(s), eps), full(s), prompt_embeds, pooled) for s in ts]).mean(0)
+        toks = [self.head.tokens(*self.tap(add_noise(latents, full(s), eps), full(s), prompt_embeds, pooled)) for s in ts]
+        return self.head.readout(torch.cat([v for v, _ in toks], 1), torch.cat([s for _, s in toks], 1)).float()
+
+
+def build_reward_model(backbone, head, path=None, n_blocks=None, taps=None, lora_rank=0, full_finetune=False,
+                       seed=0, combine="softmax", transformer=None):
+    """Load the backbone through diffusers, keep the needed blocks, attach a head, set what trains:
+    LoRA on the attention projections (lora_rank > 0), everything (full_finetune), or only the head."""
+    check_names(backbone, head)
+    preset = BACKBONES[backbone]
+    n_blocks = n_blocks or preset["blocks"][head]
+    taps = tuple(taps or preset["taps"][head])
+    if head == "drm":
+        taps = (n_blocks,)  # DRM reads the last kept block
+    transformer = transformer or load_transformer(backbone, path, seed)
+    tap = DiTTap(transformer, n_blocks, taps)
+    torch.manual_seed(seed)
+    if head == "dina":
+        h = DinaHead(tap.width, len(taps), preset["proj"])
+    elif head == "drm":
+        cfg = transformer.config
+        h = DRMHead(transformer.norm_out, transformer.proj_out, cfg.patch_size, cfg.out_channels, preset["conv"])
+    else:
+        h = DiTRHead(tap.width, len(taps), preset["mlp"], combine)
+    del transformer  # blocks beyond n_blocks (and the unused final layer) are freed with it
+    tap.requires_grad_(full_finetune)
+    if lora_rank > 0 and not full_finetune:
+        from peft import LoraConfig, inject_adapter_in_model
+        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS), tap)
+        for n, p in tap.named_parameters():
+            p.requires_grad_("lora_" in n)
+    return RewardModel(tap, h, head)
+
+# -----------------------------------------------------------------------------
+# Flow-matching math (SD3 convention: x_t = (1 - t) x0 + t eps, timestep = 1000 t)
+
+
+def add_noise(x0, t, eps):
+    t = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return (1 - t) * x0 + t * eps
+
+
+def sd3_sigmas(num_steps, shift=3.0, num_train_timesteps=1000):
+    """== FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps).sigmas: a linspace
+    from sigma_max (1) to the shifted sigma_min, shifted by s*t / (1 + (s-1)*t), then a final 0."""
+    sh = lambda t: shift * t / (1 + (shift - 1) * t)
+    t = torch.linspace(1.0, sh(1.0 / num_train_timesteps), num_steps, dtype=torch.float64)
+    return torch.cat([sh(t), torch.zeros(1, dtype=torch.float64)]).float()
+
+
+def sample_t(n, mode="uniform", generator=None, mu=0.0, s=1.0, t_fixed=0.4):
+    """Training noise levels: uniform U(0,1) (DiNa default), logit-normal(mu, s), or fixed t*."""
+    if mode == "uniform":
+        return torch.rand(n, generator=generator)
+    if mode == "logit-normal":
+        return torch.sigmoid(mu + s * torch.randn(n, generator=generator))
+    if mode == "fixed":
+        return torch.full((n,), float(t_fixed))
+    raise ValueError(f"unknown t-sampling {mode!r}; choose uniform, logit-normal or fixed")
+
+# -----------------------------------------------------------------------------
+# Losses (DESIGN.md section 5); r_pos, r_neg (B,) rewards of the preferred / other image
+
+
+def bt_loss(r_pos, r_neg, y=None):
+    """Bradley-Terry: -log sigmoid(r+ - r-); a soft label y gives the cross-entropy with y."""
+    d = r_pos - r_neg
+    if y is None:
+        return -F.logsigmoid(d).mean()
+    return -(y * F.logsigmoid(d) + (1 - y) * F.logsigmoid(-d)).mean()
+
+
+def thurstone_loss(r_pos, r_neg, t, k=2.0, sigma_u=0.1, y=None):
+    """Noise-calibrated Thurstone with the fidelity loss (DiNa-LRM Eq. 6-8): per-item variance
+    s2(t) = k t^2 + sigma_u^2, p = Phi(d / sqrt(2 s2)), loss = 1 - sqrt(y p + (1-y)(1-p))."""
+    s2 = k * t ** 2 + sigma_u ** 2
+    p = 0.5 * (1 + torch.erf((r_pos - r_neg) / torch.sqrt(2 * s2) / math.sqrt(2)))  # standard normal CDF
+    y = torch.ones_like(p) if y is None else y
+    return (1 - torch.sqrt((y * p + (1 - y) * (1 - p)).clamp_min(1e-12))).mean()
+
+# -----------------------------------------------------------------------------
+# Checkpoints: one safetensors file (weights, EMA, optimizer tensors) with the JSON metadata in
+# its header, written to a temp file and renamed, so a crash mid-write leaves the old one intact.
+
+
+def save_checkpoint(path, tensors, meta):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"meta": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """-> (tensors, meta). Plain safetensors: nothing is unpickled."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no checkpoint there")
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("meta", "null") or "null")
+        if not isinstance(meta, dict) or "args" not in meta:
+            raise ValueError(f"{path}: not a reward-model checkpoint (no args in its metadata)")
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+def trainable_state(model):
+    """Unwrapped names (no module./_orig_mod. prefixes) of what trains: head (+ LoRA / backbone)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_reward_model(path, ema=True, transformer=None, expect=None):
+    """Rebuild a RewardModel from a checkpoint written by train_reward.py (EMA weights by default).
+    expect: optional dict of args the caller requires (e.g. head, backbone) -> clear error on mismatch."""
+    tensors, meta = load_checkpoint(path)
+    a = meta["args"]
+    for k, v in (expect or {}).items():
+        if v is not None and a.get(k) != v:
+            raise ValueError(f"{path}: checkpoint has {k}={a.get(k)!r}, but {v!r} was asked for")
+    model = build_reward_model(a["backbone"], a["head"], a.get("backbone_path"), a.get("blocks"), a.get("taps"),
+                               a.get("lora_rank", 0), a.get("full_finetune", False), a.get("seed", 0),
+                               a.get("combine", "softmax"), transformer)
+    prefix = "ema." if ema and any(k.startswith("ema.") for k in tensors) else "model."
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    missing = set(trainable_state(model)) - set(state)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+    model.load_state_dict(state, strict=False)
+    return model.eval(), meta
