@@ -105,3 +105,169 @@ def test_annotators():
     p = 0.5 * (1 + erf(0.1 / (0.1 * sqrt(2)) / sqrt(2)))  # P(N(0.1, 2*0.01) > 0)
     assert abs(k.mean() / 5 - p) < 0.02
     assert (toy_annotate(a, a - 1, 3, rng) == 3).all()
+
+
+# ----------------------------------------------------------------------------- readers
+def _write(path, obj, jsonl=False):
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in obj) if jsonl else json.dumps(obj))
+    return str(path)
+
+
+def test_hpdv3_with_nulls(tmp_path):
+    f = _write(tmp_path / "hpdv3.json", [
+        {"prompt": "p0", "path1": "a.png", "path2": "b.png", "choice_dist": [3, 1], "confidence": 0.9,
+         "model1": "m1", "model2": "m2"},
+        {"prompt": "p1", "path1": "c.png", "path2": "/abs/d.png", "choice_dist": None, "confidence": None,
+         "model1": None, "model2": None},
+        {"prompt": "p0", "path1": "e.png", "path2": "a.png"}])
+    pairs, info = data.read_benchmark(f)
+    assert info["format"] == "hpdv3" and info["pairs"] == 3
+    assert pairs[0]["label"] == 0.75 and pairs[1]["label"] == 1.0
+    assert pairs[0]["chosen"] == str(tmp_path / "a.png") and pairs[1]["rejected"] == "/abs/d.png"
+    assert [p["group"] for p in pairs] == [0, 1, 0]
+    assert data.read_pairs(f, image_root="/root")[0]["chosen"] == "/root/a.png"
+
+
+def test_ranked_groups_expand_and_skip_ties(tmp_path):
+    ir = _write(tmp_path / "ir.json", [{"prompt": "x", "generations": ["a", "b", "c", "d"], "ranking": [1, 2, 2, 3]}])
+    pairs, info = data.read_benchmark(ir)
+    assert info["format"] == "imagereward" and len(pairs) == 5 and info["skipped_ties"] == 1
+    names = {(os.path.basename(p["chosen"]), os.path.basename(p["rejected"])) for p in pairs}
+    assert names == {("a", "b"), ("a", "c"), ("a", "d"), ("b", "d"), ("c", "d")}
+    hp = _write(tmp_path / "hpdv2.json", [{"prompt": "x", "image_path": ["a", "b", "c"], "rank": [3, 1, 2]},
+                                          {"prompt": "y", "image_path": ["d", "e"], "rank": [1, 1]}])
+    pairs, info = data.read_benchmark(hp, fmt="hpdv2")
+    assert len(pairs) == 3 and info["skipped_ties"] == 1 and {p["group"] for p in pairs} == {0}
+    names = {(os.path.basename(p["chosen"]), os.path.basename(p["rejected"])) for p in pairs}
+    assert names == {("b", "a"), ("c", "a"), ("b", "c")}
+
+
+def test_genai_votes_and_pickapic_jsonl(tmp_path):
+    recs = [{"prompt": "p", "left_image": "l", "right_image": "r", "vote_type": v}
+            for v in ("leftvote", "rightvote", "tievote", "bothbad_vote", "leftvote")]
+    pairs, info = data.read_benchmark(_write(tmp_path / "g.jsonl", recs, jsonl=True))
+    assert info["format"] == "genai" and len(pairs) == 3
+    assert info["skipped_ties"] == 1 and info["skipped_bothbad"] == 1
+    assert [os.path.basename(p["chosen"]) for p in pairs] == ["l", "r", "l"]
+    recs = [{"caption": "c", "jpg_0": "x.jpg", "jpg_1": "y.jpg", "label_0": a, "label_1": 1 - a} for a in (1, 0, 0.5)]
+    pairs, info = data.read_benchmark(_write(tmp_path / "pap.jsonl", recs, jsonl=True))
+    assert info["format"] == "pickapic" and len(pairs) == 2 and info["skipped_ties"] == 1
+    assert [os.path.basename(p["chosen"]) for p in pairs] == ["x.jpg", "y.jpg"]
+
+
+def test_reader_errors(tmp_path):
+    f = _write(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},
+                                        {"prompt": "p", "chosen": "a", "rejected": "b", "label": 1.5}], jsonl=True)
+    with pytest.raises(ValueError, match=r"bad.jsonl: record 1: 'label'"):
+        data.read_benchmark(f)
+    f = _write(tmp_path / "bad3.json", [{"prompt": "p", "path1": "a", "path2": "b"}, {"prompt": "p", "path1": 3}])
+    with pytest.raises(ValueError, match=r"bad3.json: record 1: missing or invalid 'path1'"):
+        data.read_benchmark(f)
+    with pytest.raises(ValueError, match="unknown vote_type"):
+        data.read_benchmark(_write(tmp_path / "g.json", [{"prompt": "p", "left_image": "l", "right_image": "r",
+                                                          "vote_type": "maybe"}]))
+    with pytest.raises(ValueError, match="unknown pair format"):
+        data.read_benchmark(_write(tmp_path / "u.json", [{"foo": 1}]))
+    with pytest.raises(ValueError, match="unknown format"):
+        data.read_benchmark(f, fmt="laion")
+    (tmp_path / "empty.json").write_text("  \n")
+    with pytest.raises(ValueError, match="empty.json: empty file"):
+        data.read_benchmark(str(tmp_path / "empty.json"))
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        data.read_benchmark(str(tmp_path / "nope.json"))
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install pyarrow"):
+            data.read_benchmark(str(tmp_path / "x.parquet"))
+
+
+def test_load_image_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing.png: image not found \(f.json: record 7\)"):
+        data.load_image(str(tmp_path / "missing.png"), "f.json: record 7")
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG garbage bytes")
+    with pytest.raises(ValueError, match=r"junk.png: corrupt image \(f.json: record 3\)"):
+        data.load_image(str(tmp_path / "junk.png"), "f.json: record 3")
+
+
+# ----------------------------------------------------------------------------- buckets, cache
+def test_buckets():
+    assert all(w % 64 == 0 and h % 64 == 0 for w, h in data.BUCKETS)
+    assert data.nearest_bucket(1000, 1010) == (1024, 1024)
+    assert data.nearest_bucket(1920, 1080) == (1344, 768)
+    assert data.nearest_bucket(500, 900, data.BUCKETS) == (768, 1344)
+    assert data.nearest_bucket(7, 3, [(32, 32)]) == (32, 32)
+    x = data.to_bucket(Image.new("RGB", (100, 50), (255, 0, 0)), (32, 32))
+    assert x.shape == (3, 32, 32) and x[0].eq(1).all() and x[1].eq(-1).all()
+
+
+def _toy_pairs(tmp_path, n_img=10):
+    rng = np.random.default_rng(0)
+    paths, prompts = [], []
+    for i in range(n_img):
+        c, s, b = list(TOY_COLORS)[i % 6], TOY_SHAPES[i % 3], list(TOY_BACKGROUNDS)[i % 3]
+        size = 32 if i != 3 else 48  # one non-square-source image still lands in (32, 32)
+        render_toy(c, s, b, rng, size=size).save(tmp_path / f"im{i}.png")
+        paths.append(f"im{i}.png")
+        prompts.append(toy_prompt(c, s, b))
+    pairs = [{"prompt": prompts[i], "chosen": paths[i], "rejected": paths[(i + 1) % n_img], "label": 0.8,
+              "group": i % 4, "src": f"toy:{i}"} for i in range(n_img)]
+    pairs += [{"prompt": prompts[0], "chosen": paths[i], "rejected": paths[i + 2], "label": 1.0, "group": 0}
+              for i in range(0, n_img - 2, 3)]
+    return pairs
+
+
+def _encoders(seen):
+    def enc_img(x):  # (B,3,32,32) -> (B,2,8,8): avg-pool /4, first 2 channels
+        seen.extend(x.flatten(1).sum(1).tolist())
+        return torch.nn.functional.avg_pool2d(x, 4)[:, :2]
+
+    def enc_txt(prompts):  # deterministic from the string
+        v = torch.tensor([[float(len(p)), float(sum(map(ord, p)) % 97)] for p in prompts])
+        return v[:, None, :].repeat(1, 5, 3), v[:, :1] * 2
+    return enc_img, enc_txt
+
+
+def test_cache_round_trip_two_ranks(tmp_path):
+    pairs = _toy_pairs(tmp_path)
+    out, seen = str(tmp_path / "cache"), []
+    enc_img, enc_txt = _encoders(seen)
+    infos = [data.build_cache(pairs, str(tmp_path), out, enc_img, enc_txt, [(32, 32)], rank=r, world_size=2,
+                              batch_size=3, shard_size=2) for r in range(2)]
+    assert len(seen) == 10 and sum(i["images"] for i in infos) == 10  # each unique image once
+    assert sum(i["prompts"] for i in infos) == len({p["prompt"] for p in pairs})
+    info = data.finalize_cache(out, pairs, 2, image_root=str(tmp_path))
+    assert info["pairs"] == len(pairs)
+    assert not any(f.endswith(".tmp") for f in os.listdir(out))
+    cache = data.PairCache(out, latent_channels=2)
+    assert len(cache) == len(pairs) and list(cache.buckets()) == ["2x8x8"]
+    for i, p in enumerate(pairs):
+        it = cache.pair(i)
+        img = data.to_bucket(data.load_image(str(tmp_path / p["chosen"])), (32, 32))
+        assert torch.equal(it["lat_pos"], torch.nn.functional.avg_pool2d(img[None], 4)[0, :2])
+        e, pooled = enc_txt([p["prompt"]])
+        assert torch.equal(it["prompt_embeds"], e[0]) and torch.equal(it["pooled"], pooled[0])
+        assert it["label"] == p["label"]
+    b = cache.batch([0, 3, 5])
+    assert b["lat_pos"].shape == (3, 2, 8, 8) and b["prompt_embeds"].shape == (3, 5, 6) and b["pooled"].shape == (3, 1)
+    assert b["label"].dtype == torch.float32 and b["group"].tolist() == [cache.pair(i)["group"] for i in (0, 3, 5)]
+    with pytest.raises(ValueError, match="channels, expected 16"):
+        data.PairCache(out, latent_channels=16)
+
+
+def test_cache_bad_images(tmp_path):
+    pairs = _toy_pairs(tmp_path)
+    (tmp_path / "im4.png").write_bytes(b"not a png")
+    enc_img, enc_txt = _encoders([])
+    with pytest.raises(ValueError, match=r"im4.png: corrupt image \(toy:3\)"):
+        data.build_cache(pairs, str(tmp_path), str(tmp_path / "c1"), enc_img, enc_txt, [(32, 32)])
+    info = data.build_cache(pairs, str(tmp_path), str(tmp_path / "c2"), enc_img, enc_txt, [(32, 32)],
+                            skip_bad=True, dtype=torch.bfloat16)
+    n_use = sum("im4.png" in (p["chosen"], p["rejected"]) for p in pairs)
+    assert info["bad_images"] == 1 and info["dropped_bad_image"] == n_use and info["pairs"] == len(pairs) - n_use
+    assert data.PairCache(str(tmp_path / "c2")).pair(0)["lat_pos"].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="encoder returned"):
+        data.build_cache(pairs, str(tmp_path), str(tmp_path / "c3"), lambda x: x[:, :, :1] * float("nan"),
+                         enc_txt, [(32, 32)], skip_bad=True)
