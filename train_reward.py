@@ -1,0 +1,372 @@
+"""
+Train a diffusion-native latent reward model on preference pairs.
+
+Quick start (the toy world is built into out/toy/ on first use; CPU, a few minutes):
+    python train_reward.py
+DiNa-LRM on HPDv3 with SD3.5-M, 8 GPUs (encode the cache once, then train as often as you like):
+    torchrun --nproc_per_node=8 train_reward.py --backbone sd35m --head dina \
+        --data /data/HPDv3/train.json --eval-data /data/HPDv3/test.json --image-root /data/HPDv3 --cache-only
+    torchrun --nproc_per_node=8 train_reward.py --backbone sd35m --head dina \
+        --data /data/HPDv3/train.json --eval-data /data/HPDv3/test.json --image-root /data/HPDv3
+DRM (21 blocks, full fine-tune, Bradley-Terry) and DiT-Reward (frozen SD3.5-L + MLP):
+    torchrun --nproc_per_node=8 train_reward.py --backbone sd35m --head drm --full-finetune ...
+    torchrun --nproc_per_node=8 train_reward.py --backbone sd35l --head ditr --lora-rank 0 ...
+
+The step, in plain sight: a global batch of pairs (never mixing resolution buckets) is split over
+ranks and micro-batches; each pair gets its own noise level t and noise, seeded by (seed, step, pair)
+so that results do not depend on the number of processes; the loss is the head's recipe
+(noise-calibrated Thurstone for dina, Bradley-Terry for drm/ditr); AdamW, EMA, periodic held-out
+accuracy with the EMA weights, atomic checkpoints, exact --resume.
+
+Deviations: the DiNa paper's LoRA rank and learning rate for SD3.5-M are not restated here from
+the paper; the defaults below are our choice and are marked so.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+from model import (BACKBONES, add_noise, bt_loss, build_reward_model, check_names, load_checkpoint, load_pipeline,
+                   load_transformer, make_encoders, sample_t, save_checkpoint, thurstone_loss, trainable_state)
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+# backbone and head
+parser.add_argument("--backbone", default="toy", help="tiny | toy | sd35m | sd35l")
+parser.add_argument("--backbone-path", default=None, help="diffusers folder or hub id overriding the preset")
+parser.add_argument("--random-backbone", action="store_true", help="ablation: same architecture, random weights")
+parser.add_argument("--head", default="dina", help="dina | drm | ditr")
+parser.add_argument("--blocks", type=int, default=None, help="blocks kept (default: the preset's, e.g. 12 for dina on sd35m)")
+parser.add_argument("--taps", type=lambda s: tuple(int(x) for x in s.split(",")), default=None, help="e.g. 4,8,12")
+parser.add_argument("--combine", default="softmax", help="ditr layer combination: softmax | concat")
+parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on the attention projections; 0 = frozen (ours)")
+parser.add_argument("--full-finetune", action="store_true", help="train every kept block (DRM's recipe)")
+parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the kept blocks")
+# loss and noise levels
+parser.add_argument("--loss", default=None, help="thurstone | thurstone-fixed | bt (default: thurstone for dina, bt otherwise)")
+parser.add_argument("--k", type=float, default=2.0, help="Thurstone variance slope, s2(t) = k t^2 + sigma_u^2 (DiNa)")
+parser.add_argument("--sigma-u", type=float, default=0.1, help="Thurstone variance floor (paper 0.1; released code sqrt(0.05))")
+parser.add_argument("--soft-labels", action="store_true", help="use the annotators' vote share as the label y")
+parser.add_argument("--t-sampling", default="uniform", help="uniform (DiNa) | logit-normal | fixed")
+parser.add_argument("--t-mu", type=float, default=0.0)
+parser.add_argument("--t-s", type=float, default=1.0)
+parser.add_argument("--t-eval", type=float, default=0.4, help="noise level of the held-out evaluation (DiNa: 0.4); also t* of fixed")
+parser.add_argument("--same-noise", type=int, default=None, help="1: chosen and rejected share noise (DiNa default), 0: independent (DRM)")
+# optimisation
+parser.add_argument("--steps", type=int, default=20000)
+parser.add_argument("--global-batch", type=int, default=64, help="pairs per optimizer step, over all ranks")
+parser.add_argument("--micro-batch", type=int, default=None, help="pairs per forward on one rank (default: global / world)")
+parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (ours)")
+parser.add_argument("--weight-decay", type=float, default=0.01)
+parser.add_argument("--warmup", type=int, default=500)
+parser.add_argument("--grad-clip", type=float, default=1.0)
+parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the trainable weights (DiNa 0.995); 0 = off")
+# data
+parser.add_argument("--data", default=None, help="training pairs: HPDv3 JSON, Pick-a-Pic parquet/JSONL, or canonical JSONL")
+parser.add_argument("--eval-data", default=None, help="held-out pairs, any format of DESIGN.md section 7")
+parser.add_argument("--image-root", default=None, help="root of the image paths (default: the data file's folder)")
+parser.add_argument("--cache-dir", default=None, help="where latent/text caches go (default: next to the data file)")
+parser.add_argument("--max-text-len", type=int, default=77, help="T5 tokens after the 77 CLIP tokens (ours)")
+parser.add_argument("--resolution", type=int, default=None, help="one square bucket instead of the SD3.5 aspect buckets")
+parser.add_argument("--skip-bad", action="store_true", help="count and skip unreadable images instead of stopping")
+parser.add_argument("--cache-only", action="store_true", help="encode the caches and exit")
+# run
+parser.add_argument("--out", default=None, help="output dir (default: out/reward-<backbone>-<head>)")
+parser.add_argument("--log-interval", type=int, default=50)
+parser.add_argument("--eval-interval", type=int, default=1000)
+parser.add_argument("--ckpt-interval", type=int, default=1000)
+parser.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.safetensors")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--wandb", default=None, help="wandb project name (only if wandb is installed)")
+
+# what changes when the backbone is the laptop-sized toy or tiny one (only where the user left the flag alone)
+TOY_RECIPE = dict(steps=500, global_batch=32, lr=1e-3, warmup=50, lora_rank=8, log_interval=25, eval_interval=100,
+                  ckpt_interval=100, data="out/toy/train.json", eval_data="out/toy/test.json", resolution=32, max_text_len=8)
+
+
+def resolve_args(args):
+    check_names(args.backbone, args.head)
+    if args.backbone in ("tiny", "toy"):
+        for k, v in TOY_RECIPE.items():
+            if getattr(args, k) == parser.get_default(k):
+                setattr(args, k, v)
+    args.loss = args.loss or ("thurstone" if args.head == "dina" else "bt")
+    args.same_noise = bool(args.head == "dina" if args.same_noise is None else args.same_noise)
+    args.out = args.out or f"out/reward-{args.backbone}-{args.head}"
+    if args.loss not in ("thurstone", "thurstone-fixed", "bt"):
+        raise ValueError(f"unknown loss {args.loss!r}; choose thurstone, thurstone-fixed or bt")
+    return args
+
+
+def pair_loss(args, r_pos, r_neg, t, y):
+    """The recipe's loss on one micro-batch; y (B,) are soft labels or ones."""
+    if args.loss == "thurstone":
+        return thurstone_loss(r_pos, r_neg, t, args.k, args.sigma_u, y)
+    if args.loss == "thurstone-fixed":  # DiNa's ablation: constant variance
+        return thurstone_loss(r_pos, r_neg, t, k=0.0, sigma_u=0.5, y=y)
+    return bt_loss(r_pos, r_neg, y)
+
+
+def pair_noise(args, step, ids, lat):
+    """Per-pair t and noise seeded by (seed, step, pair index): independent of rank and world size."""
+    ts, e_pos, e_neg = [], [], []
+    for i in ids:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 100_003 + int(i))
+        ts.append(sample_t(1, args.t_sampling, g, args.t_mu, args.t_s, args.t_eval))
+        e_pos.append(torch.randn(lat.shape[1:], generator=g))
+        e_neg.append(e_pos[-1] if args.same_noise else torch.randn(lat.shape[1:], generator=g))
+    return torch.cat(ts), torch.stack(e_pos), torch.stack(e_neg)
+
+
+def global_batches(cache, batch, seed, epoch):
+    """All global batches of one epoch: shuffled within each bucket, never mixing buckets."""
+    g = torch.Generator().manual_seed(seed + 7919 * epoch)
+    out = []
+    for ids in cache.buckets().values():
+        ids = [ids[j] for j in torch.randperm(len(ids), generator=g).tolist()]
+        out += [ids[i:i + batch] for i in range(0, len(ids) - batch + 1, batch)]
+    return [out[j] for j in torch.randperm(len(out), generator=g).tolist()]
+
+
+def ensure_cache(args, path, rank, world, master):
+    """Encode images + prompts of a pair file once (each rank a shard); returns the cache folder."""
+    folder = os.path.join(args.cache_dir or os.path.dirname(os.path.abspath(path)),
+                          f"{os.path.splitext(os.path.basename(path))[0]}.cache-{args.backbone}")
+    if not os.path.isfile(os.path.join(folder, "index.json")):
+        root = args.image_root or os.path.dirname(os.path.abspath(path))
+        pairs = data.read_pairs(path, root)
+        buckets = [(args.resolution, args.resolution)] if args.resolution else data.BUCKETS
+        print0(f"caching {len(pairs)} pairs of {path} into {folder} ({world} rank(s) encode)")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        pipe = load_pipeline(args.backbone, args.backbone_path, args.seed,
+                             dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        enc_img, enc_txt = make_encoders(pipe, device, args.max_text_len)
+        data.build_cache(pairs, root, folder, enc_img, enc_txt, buckets, rank, world, skip_bad=args.skip_bad)
+        del pipe, enc_img, enc_txt  # the VAE and text encoders are not resident while training
+        barrier()
+        if master and world > 1:  # with one rank build_cache already wrote the index
+            data.finalize_cache(folder, pairs, world, root)
+        barrier()
+    return folder
+
+
+@torch.no_grad()
+def evaluate(model, cache, args, rank, world, autocast):
+    """Held-out pairwise accuracy at t = t_eval, same seeded noise for both images of a pair.
+    Correct iff r(chosen) > r(rejected) strictly; pairs scored in bucket batches, sharded by rank."""
+    model.eval()
+    pos, neg = {}, {}
+    for ids in cache.buckets().values():
+        for i0 in range(rank * 64, len(ids), world * 64):
+            b = cache_to(cache.batch(ids[i0:i0 + 64]), device_of(model))
+            g = torch.Generator().manual_seed(args.seed + 1)  # the same noise for every chunk of 64 pairs
+            eps = torch.randn(b["lat_pos"].shape, generator=g).to(b["lat_pos"].device)
+            t = torch.full((len(eps),), args.t_eval, device=eps.device)
+            with autocast:
+                rp = model(add_noise(b["lat_pos"], t, eps), t, b["prompt_embeds"], b["pooled"])
+                rn = model(add_noise(b["lat_neg"], t, eps), t, b["prompt_embeds"], b["pooled"])
+            pos.update(zip(ids[i0:i0 + 64], rp.float().cpu().tolist()))
+            neg.update(zip(ids[i0:i0 + 64], rn.float().cpu().tolist()))
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, (pos, neg))
+        pos, neg = {k: v for p, _ in parts for k, v in p.items()}, {k: v for _, n in parts for k, v in n.items()}
+    model.train()
+    ids = sorted(pos)
+    return sum(pos[i] > neg[i] for i in ids) / max(1, len(ids)), len(ids)
+
+
+def device_of(model):
+    return next(model.parameters()).device
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def main(args):
+    args = resolve_args(args)
+    # -------------------------------------------------------------------------- distributed, precision
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    master = rank == 0
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    micro = args.micro_batch or args.global_batch // world
+    if args.global_batch % (micro * world):
+        raise ValueError(f"--global-batch {args.global_batch} is not a multiple of micro-batch {micro} x world {world}")
+    accum = args.global_batch // (micro * world)
+    print0(f"world {world}, global batch {args.global_batch} = micro {micro} x accum {accum} x world {world}, device {device}")
+
+    # -------------------------------------------------------------------------- data (toy world built on first use)
+    if args.backbone == "toy" and args.data == TOY_RECIPE["data"] and not os.path.isfile("out/toy/summary.json"):
+        if master:
+            import toy
+            print0("building the toy world into out/toy/ (first use)")
+            toy.main(toy.parser.parse_args(["--out", "out/toy"]))
+        barrier()
+    if args.data is None:
+        raise ValueError("--data is required for this backbone (HPDv3 JSON, Pick-a-Pic, or canonical JSONL)")
+    train_dir = ensure_cache(args, args.data, rank, world, master)
+    eval_dir = ensure_cache(args, args.eval_data, rank, world, master) if args.eval_data else None
+    if args.cache_only:
+        print0("caches written; exiting (--cache-only)")
+        return barrier()
+
+    # -------------------------------------------------------------------------- model, optimizer, EMA
+    transformer = load_transformer(args.backbone, args.backbone_path, args.seed)
+    if args.random_backbone:
+        transformer = type(transformer).from_config(transformer.config)  # same architecture, random init
+        torch.manual_seed(args.seed)
+    model = build_reward_model(args.backbone, args.head, args.backbone_path, args.blocks, args.taps, args.lora_rank,
+                               args.full_finetune, args.seed, args.combine, transformer).to(device)
+    model.tap.grad_ckpt = args.grad_ckpt
+    C = model.tap.config.in_channels  # the cache must hold latents this backbone reads
+    train_cache = data.PairCache(train_dir, latent_channels=C)
+    eval_cache = data.PairCache(eval_dir, latent_channels=C) if eval_dir else None
+    print0(f"train: {len(train_cache)} pairs in {len(train_cache.buckets())} bucket(s)"
+           + (f"; held-out: {len(eval_cache)} pairs" if eval_cache else ""))
+    params = trainable_state(model)
+    print0(f"{args.head} on {args.backbone}: {sum(p.numel() for p in params.values()) / 1e6:.3f}M trainable / "
+           f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, taps {model.tap.taps}")
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    ema = {n: p.detach().clone() for n, p in params.items()}
+    step, ckpt_path = 0, os.path.join(args.out, "ckpt.safetensors")
+    if args.resume and os.path.isfile(ckpt_path):
+        tensors, meta = load_checkpoint(ckpt_path)
+        step = meta["step"]
+        for n, p in params.items():
+            p.data.copy_(tensors[f"model.{n}"])
+            ema[n].copy_(tensors[f"ema.{n}"])
+            if f"optim.{n}.exp_avg" in tensors:
+                opt.state[p] = {k: tensors[f"optim.{n}.{k}"].to("cpu" if k == "step" else device)
+                                for k in ("step", "exp_avg", "exp_avg_sq")}
+        torch.set_rng_state(tensors["rng.torch"])
+        print0(f"resumed from {ckpt_path} at step {step}")
+    train_model = DDP(model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None) if ddp else model
+    log_path = os.path.join(args.out, "log.jsonl")
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+        if step > 0 and os.path.isfile(log_path):  # drop lines a killed run wrote after its last checkpoint
+            lines = [l for l in open(log_path) if json.loads(l).get("step", 0) <= step]
+            open(log_path, "w").writelines(lines)
+    wandb = None
+    if args.wandb and master:
+        try:
+            import wandb
+            wandb.init(project=args.wandb, config=vars(args))
+        except ImportError:
+            print0("wandb is not installed; logging to stdout and log.jsonl only")
+
+    def checkpoint(step, metrics):
+        tensors = {f"model.{n}": p for n, p in params.items()} | {f"ema.{n}": e for n, e in ema.items()}
+        for n, p in params.items():
+            for k, v in opt.state.get(p, {}).items():
+                tensors[f"optim.{n}.{k}"] = v
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_checkpoint(ckpt_path, tensors, dict(args=vars(args), step=step, world_size=world, metrics=metrics))
+
+    def swap_ema():  # exchange live and EMA weights (evaluate with EMA, then swap back)
+        for n, p in params.items():
+            tmp = p.detach().clone()
+            p.data.copy_(ema[n])
+            ema[n].copy_(tmp)
+
+    # -------------------------------------------------------------------------- the loop
+    n_per_epoch = len(global_batches(train_cache, args.global_batch, args.seed, 0))
+    if n_per_epoch == 0:
+        raise ValueError(f"{args.data}: fewer pairs per bucket than one global batch ({args.global_batch})")
+    acc_eval, t0, metrics = None, time.time(), {}
+    bar = tqdm(total=args.steps, initial=step, disable=not master, desc="train", mininterval=5)
+    while step < args.steps:
+        epoch, pos = divmod(step, n_per_epoch)
+        batch = global_batches(train_cache, args.global_batch, args.seed, epoch)[pos]
+        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warmup, then constant
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+        for a in range(accum):
+            j0 = (a * world + rank) * micro  # rank r takes micro-batches r, r + world, ...
+            ids = batch[j0:j0 + micro]
+            b = cache_to(train_cache.batch(ids), device)
+            t, e_pos, e_neg = (x.to(device) for x in pair_noise(args, step, ids, b["lat_pos"]))
+            y = b["label"] if args.soft_labels else torch.ones_like(b["label"])
+            sync = nullcontext() if (not ddp or a == accum - 1) else train_model.no_sync()
+            with sync, autocast:
+                lat = torch.cat([add_noise(b["lat_pos"], t, e_pos), add_noise(b["lat_neg"], t, e_neg)])
+                r = train_model(lat, t.repeat(2), b["prompt_embeds"].repeat(2, 1, 1), b["pooled"].repeat(2, 1))
+                r_pos, r_neg = r.float().chunk(2)
+                loss = pair_loss(args, r_pos, r_neg, t, y)
+                (loss / accum).backward()
+            loss_sum += loss.detach() / accum
+            correct += (r_pos > r_neg).float().sum().detach()
+        if ddp:
+            for x in (loss_sum, correct):
+                dist.all_reduce(x)
+            loss_sum /= world
+        if not torch.isfinite(loss_sum):
+            raise FloatingPointError(f"step {step}: loss is {loss_sum.item()} on pairs {batch[:8]}...; "
+                                     f"check the data (cache {train_cache.dir}) or lower --lr")
+        gnorm = torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for n, p in params.items():
+                ema[n].lerp_(p.detach(), 1 - args.ema) if args.ema > 0 else ema[n].copy_(p.detach())
+        step += 1
+        bar.update(1)
+        # ---------------------------------------------------------------------- log, eval, checkpoint
+        if step % args.log_interval == 0 or step == args.steps:
+            dt = time.time() - t0
+            metrics = dict(step=step, loss=loss_sum.item(), acc=correct.item() / args.global_batch, lr=lr,
+                           gnorm=gnorm.item(), pairs_per_s=args.global_batch * args.log_interval / dt)
+            t0 = time.time()
+            if eval_cache and (step % args.eval_interval == 0 or step == args.steps):
+                swap_ema()
+                acc_eval, n_eval = evaluate(model, eval_cache, args, rank, world, autocast)
+                swap_ema()
+                metrics.update(eval_acc=acc_eval, eval_pairs=n_eval)
+            if master:
+                bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if wandb:
+                    wandb.log(metrics, step=step)
+        if master and (step % args.ckpt_interval == 0 or step == args.steps):
+            checkpoint(step, metrics)
+    bar.close()
+    barrier()
+    if acc_eval is not None:
+        print0(f"final: {args.head} on {args.backbone}, step {step}, held-out accuracy {100 * acc_eval:.2f}% on "
+               f"{n_eval} pairs of {args.eval_data} (t={args.t_eval}, EMA weights); checkpoint {ckpt_path}")
+    else:
+        print0(f"final: {args.head} on {args.backbone}, step {step}; checkpoint {ckpt_path}")
+    barrier()  # a normal exit after a barrier (destroy_process_group can abort under gloo)
+
+
+def cache_to(b, device):
+    return {k: v.to(device, torch.float32) if v.is_floating_point() else v.to(device) for k, v in b.items()}
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())
