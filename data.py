@@ -1,8 +1,8 @@
 """Data: the toy world, pair readers, resolution buckets and the latent cache (DESIGN.md 7, 8).
 
 - Toy world: `render_toy`, `corrupt_toy`, the oracle `toy_golden_score`, raters `toy_annotate`.
-- Readers: every format -> canonical pairs {"prompt", "chosen", "rejected", "label", "group",
-  "src"}, label = P(chosen wins), src = "file: record i" for errors; `read_benchmark`.
+- Readers: every format -> canonical pairs {"prompt", "chosen", "rejected", "label", "group", "src"}, label =
+  P(chosen wins), src = "file: record i" for errors; `read_benchmark`; the protocol `pairwise_accuracy`.
 - Cache: `build_cache` per rank (VAE / text encoders come in as callables: no diffusers here),
   `finalize_cache` on rank 0 -> safetensors shards + index.json, read lazily by `PairCache`.
 Bad input is a one-line error naming the file and record, or (skip_bad=True) a counted skip.
@@ -107,12 +107,9 @@ def toy_read(images):
     m = d > thr[:, None, None]
     # drop isolated specks (noise): keep pixels with >= 3 object pixels in their 3x3
     mp = np.pad(m, ((0, 0), (1, 1), (1, 1))).astype(np.int8)
-    nb = sum(mp[:, i:i + h, j:j + w] for i in range(3) for j in range(3))
-    m = m & (nb >= 3)
-    n_fg = m.sum((1, 2))
-    rows, cols = m.any(2), m.any(1)  # (N,H), (N,W)
-    hh = (h - rows[:, ::-1].argmax(1)) - rows.argmax(1)
-    ww = (w - cols[:, ::-1].argmax(1)) - cols.argmax(1)
+    m = m & (sum(mp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) >= 3)
+    n_fg, rows, cols = m.sum((1, 2)), m.any(2), m.any(1)  # (N,), (N,H), (N,W)
+    hh, ww = (h - rows[:, ::-1].argmax(1)) - rows.argmax(1), (w - cols[:, ::-1].argmax(1)) - cols.argmax(1)
     fill = np.where(n_fg > 0, n_fg / np.maximum(hh * ww, 1), 0.0)
     fg = (x * m[..., None]).sum((1, 2)) / np.maximum(n_fg, 1)[:, None]  # mean object colour
     fg = np.where(n_fg[:, None] > 0, fg, bg)  # no object: fg = bg
@@ -140,8 +137,7 @@ def toy_golden_score(images, prompts):
 
 
 def toy_annotate(score_a, score_b, n_raters, rng, noise=0.1):
-    """Thurstone raters: each prefers a iff score_a + noise*N(0,1) > score_b + noise*N(0,1).
-    Returns (N,) int, the number of raters (out of n_raters) preferring a."""
+    """-> (N,) int, how many of n_raters Thurstone raters prefer a: iff score_a + noise*N(0,1) > score_b + noise*N(0,1)."""
     a, b = np.asarray(score_a, float)[:, None], np.asarray(score_b, float)[:, None]
     z = noise * rng.standard_normal((2, len(a), n_raters))
     return (a + z[0] > b + z[1]).sum(1)
@@ -168,8 +164,7 @@ def _load_records(path):
         recs = json.loads(text) if text.startswith("[") else [json.loads(ln) for ln in text.splitlines() if ln.strip()]
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON/JSONL: {e}") from None
-    if not isinstance(recs, list) or not recs:
-        raise ValueError(f"{path}: empty file, or not a JSON array / JSONL of records")
+    if not isinstance(recs, list) or not recs: raise ValueError(f"{path}: empty file, or not a JSON array / JSONL of records")
     return recs
 
 
@@ -187,8 +182,7 @@ def _read_parquet(path):
         for k in ("jpg_0", "jpg_1"):
             b = _field(r, k, bytes, f"{path}: record {i}")
             r[k] = os.path.join(img_dir, hashlib.sha1(b).hexdigest()[:20] + ".jpg")
-            if not os.path.exists(r[k]):
-                _atomic(r[k], lambda tmp: Path(tmp).write_bytes(b))
+            if not os.path.exists(r[k]): _atomic(r[k], lambda tmp: Path(tmp).write_bytes(b))
     return recs
 
 
@@ -244,8 +238,7 @@ def read_benchmark(path, fmt=None, image_root=None):
     """Any supported file -> (canonical pairs, info). fmt in FORMATS or None = auto-detect
     (.parquet, else the keys of record 0). Relative image paths are joined to image_root
     (default: the file's folder). info: file, format, records, pairs, skipped counts."""
-    if fmt is not None and fmt not in FORMATS:
-        raise ValueError(f"{path}: unknown format {fmt!r}, expected one of {FORMATS}")
+    if fmt is not None and fmt not in FORMATS: raise ValueError(f"{path}: unknown format {fmt!r}, expected one of {FORMATS}")
     recs = _read_parquet(path) if path.endswith(".parquet") else _load_records(path)
     keys = recs[0] if isinstance(recs[0], dict) else {}  # auto-detect from the keys of record 0
     fmt = fmt or next((f for k, f in _SIGNATURE.items() if k in keys), None)
@@ -262,13 +255,21 @@ def read_pairs(path, image_root=None, fmt=None):
     return pairs
 
 
+def pairwise_accuracy(r_pos, r_neg, groups):
+    """The protocol (DESIGN.md 7): correct iff r_pos > r_neg strictly (model ties are wrong), pooled over pairs;
+    per_prompt_acc = the mean over groups of each group's accuracy. -> dict(acc, per_prompt_acc, pairs, prompts)"""
+    ok, g = np.asarray(r_pos, float) > np.asarray(r_neg, float), np.asarray(groups)
+    if ok.ndim != 1 or not len(ok) or g.shape != ok.shape: raise ValueError(f"need N>0 scores, groups: {ok.shape} {g.shape}")
+    per = [ok[g == k].mean() for k in np.unique(g)]
+    return dict(acc=float(ok.mean()), per_prompt_acc=float(np.mean(per)), pairs=len(ok), prompts=len(per))
+
+
 def load_image(path, record_desc=""):
     """-> RGB PIL image; a missing or corrupt file is a one-line error naming it and the record."""
     where = f" ({record_desc})" if record_desc else ""
     if not os.path.isfile(path): raise FileNotFoundError(f"{path}: image not found{where}")
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        with Image.open(path) as im: return im.convert("RGB")
     except Exception as e:  # PIL raises many types on bad files
         raise ValueError(f"{path}: corrupt image{where}: {type(e).__name__}: {e}".splitlines()[0]) from None
 
@@ -419,8 +420,7 @@ class PairCache:
                 raise ValueError(f"{os.path.join(out_dir, self.lat[p['chosen']])}: key {p['chosen']}: latents "
                                  f"have {p['shape'][0]} channels, expected {latent_channels}")
 
-    def __len__(self):
-        return len(self.pairs)
+    def __len__(self): return len(self.pairs)
 
     def _get(self, name, key):  # one tensor from a shard file, opened lazily
         f = os.path.join(self.dir, name)
