@@ -1,0 +1,413 @@
+"""
+Evaluate a reward model: pairwise accuracy on preference benchmarks, noise-level sweeps, multi-noise
+ensembling, decision uncertainty, and scoring your own images.
+
+One process (torchrun is not needed: scoring a benchmark is small next to training):
+    python eval_reward.py --ckpt out/reward-toy-dina                 # the five toy benchmarks at t = t_eval
+    python eval_reward.py --ckpt out/reward-toy-dina --sweep-t       # accuracy vs t = 0.0..0.9 + sweep_t.png
+    python eval_reward.py --ckpt out/reward-toy-dina --ensemble 0.2,0.5,0.7 --uncertainty 8
+    python eval_reward.py --ckpt out/reward-sd35m-dina --bench hpdv3/test=/data/HPDv3/test.json \
+        --image-root /data/HPDv3                                      # NAME[/SPLIT]=PATH, repeatable
+    python eval_reward.py --ckpt out/reward-toy-dina --prompt "a red circle on a white background" a.png b.png
+From Python, two lines:
+    from eval_reward import Scorer
+    Scorer("out/reward-toy-dina").score("a red circle on a white background", ["a.png", "b.png"])
+
+Protocol (DESIGN.md 7): every benchmark goes through its reader in data.py (annotator ties and GenAI
+both-bad votes skipped and counted) and through the one accuracy function, data.pairwise_accuracy:
+correct iff r(chosen) > r(rejected) strictly, pooled over pairs, plus the per-prompt mean. Each benchmark
+is encoded once into a latent cache (unique images once, unique prompts once) with the checkpoint's VAE
+and text encoders. Noise: all images of one prompt get the same noise, seeded by (seed, prompt, repeat),
+so the two images of a pair share their noise (DiNa's same-noise comparison), every unique image is scored
+once per level although ranked groups reuse it in many pairs, and a score depends neither on the batch
+nor on the order. Outputs go next to the checkpoint (--out): results.json, scores.jsonl (one line per
+pair and noise level: recompute any accuracy from it) and sweep_t.png; each is written to a temp file and
+renamed, and only after every benchmark was scored, so a failed run leaves no (new) results.
+Cost: images/s and peak memory of the scoring (CUDA: max allocated; CPU: the process's peak RSS, which
+includes the encoders when a cache was built in the same run). bf16 autocast on CUDA, float32 on CPU.
+Deviation: the uncertainty levels (0.2, 0.4, 0.6, 0.8) are our choice, in the spirit of DiNa-LRM Table 4.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+from model import add_noise, load_pipeline, load_reward_model, make_encoders
+
+
+def floats(s):
+    return tuple(float(x) for x in s.split(","))
+
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+# checkpoint
+parser.add_argument("--ckpt", required=True, help="checkpoint file, or the folder holding ckpt.safetensors")
+parser.add_argument("--head", default=None, help="require this head (dina | drm | ditr): clear error on a mismatch")
+parser.add_argument("--backbone", default=None, help="require this backbone (tiny | toy | sd35m | sd35l)")
+# benchmarks (default for the toy backbone: the five toy benchmarks in out/toy)
+parser.add_argument("--bench", action="append", default=None, metavar="NAME[/SPLIT]=PATH",
+                    help="benchmark file in any format of DESIGN.md 7 (auto-detected); repeatable")
+parser.add_argument("--image-root", default=None, help="root of the image paths (default: each file's folder)")
+parser.add_argument("--cache-dir", default=None, help="where benchmark caches go (default: next to each file)")
+parser.add_argument("--skip-bad", action="store_true", help="count and drop pairs with unreadable images")
+# noise levels
+parser.add_argument("--t", type=float, default=None, help="noise level (default: the checkpoint's t_eval; DiNa 0.4)")
+parser.add_argument("--ensemble", type=floats, default=None, help="multi-noise levels, e.g. 0.2,0.5,0.7 (DiNa Sec. 3.4)")
+parser.add_argument("--sweep-t", type=floats, nargs="?", const=tuple(i / 10 for i in range(10)), default=None,
+                    help="accuracy vs t for every benchmark + sweep_t.png (default levels 0.0,0.1,...,0.9)")
+parser.add_argument("--uncertainty", type=int, default=0, metavar="K", help="K repeated noisings per pair (DiNa Table 4)")
+parser.add_argument("--uncertainty-t", type=floats, default=(0.2, 0.4, 0.6, 0.8), help="levels of --uncertainty (ours)")
+# run
+parser.add_argument("--batch", type=int, default=32, help="images per scoring forward (and per cache encoding batch)")
+parser.add_argument("--seed", type=int, default=0, help="noise seed: same seed, same scores")
+parser.add_argument("--out", default=None, help="folder of results.json, scores.jsonl, sweep_t.png (default: the ckpt's)")
+# score your own images
+parser.add_argument("--prompt", default=None, help="score the images given as arguments for this prompt")
+parser.add_argument("images", nargs="*", help="image files scored with --prompt")
+
+TOY_DIR = "out/toy"  # every path in the toy benchmark files is relative to it (toy.py)
+TOY_BENCH = [("hpdv3", "test", "test.json"), ("hpdv2", "test", "bench/hpdv2_test.json"),
+             ("imagereward", "test", "bench/imagereward_test.json"), ("genai-bench", "test", "bench/genai_bench.jsonl"),
+             ("pickapic", "test", "bench/pickapic_test.jsonl")]
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def ckpt_file(path):
+    return os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
+
+
+def parse_benches(specs, image_root, backbone, toy_dir=TOY_DIR):
+    """--bench NAME[/SPLIT]=PATH list -> [(name, split, path, image_root)]; none given on the toy backbone:
+    the five toy benchmarks (split defaults to the file's stem)."""
+    if not specs:
+        if backbone != "toy":
+            raise ValueError(f"no --bench NAME=PATH given (the toy benchmarks are the default only for backbone toy)")
+        out = [(n, s, os.path.join(toy_dir, f), toy_dir) for n, s, f in TOY_BENCH]
+        missing = [p for _, _, p, _ in out if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]}: toy benchmark not found; build the toy world with `python toy.py`")
+        return out
+    out = []
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if not eq or not name or not path:
+            raise ValueError(f"--bench {spec!r}: expected NAME[/SPLIT]=PATH, e.g. hpdv3/test=/data/HPDv3/test.json")
+        name, _, split = name.partition("/")
+        if not name:
+            raise ValueError(f"--bench {spec!r}: expected NAME[/SPLIT]=PATH with a non-empty NAME")
+        out.append((name, split or os.path.splitext(os.path.basename(path))[0], path, image_root))
+    return out
+
+
+def item_noise(seed, prompt_key, rep, shape):
+    """The noise of every image of one prompt, seeded by (seed, prompt, repeat): the two images of a pair
+    share it, and it does not depend on batching or order. prompt_key: data's sha1 key of the prompt."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + rep * 7_919 + int(prompt_key[:12], 16)) % 2 ** 63)
+    return torch.randn(shape, generator=g)
+
+
+def score_noised(model, lat, eps, prompt_embeds, pooled, ts):
+    """RewardModel.score with the noise given (one eps per image, the same for every level in ts):
+    dina concatenates the FiLM-ed tokens of all levels, the other heads average the scores. -> (B,)"""
+    full = lambda s: torch.full((len(lat),), float(s), device=lat.device)
+    if model.kind != "dina":
+        return torch.stack([model(add_noise(lat, full(s), eps), full(s), prompt_embeds, pooled) for s in ts]).mean(0)
+    toks = [model.head.tokens(*model.tap(add_noise(lat, full(s), eps), full(s), prompt_embeds, pooled)) for s in ts]
+    return model.head.readout(torch.cat([v for v, _ in toks], 1), torch.cat([s for _, s in toks], 1)).float()
+
+
+def unique_items(cache):
+    """Every (image key, prompt key) of a cache once, grouped by latent shape: {shape: [items]}."""
+    items = {(p[k], p["prompt"]): tuple(p["shape"]) for p in cache.pairs for k in ("chosen", "rejected")}
+    out = {}
+    for it, shape in sorted(items.items()):
+        out.setdefault(shape, []).append(it)
+    return out
+
+
+def pair_scores(cache, s):
+    """{(image, prompt): score} -> r_chosen, r_rejected, groups (arrays over the cache's pairs)."""
+    rp = np.array([s[(p["chosen"], p["prompt"])] for p in cache.pairs])
+    rn = np.array([s[(p["rejected"], p["prompt"])] for p in cache.pairs])
+    return rp, rn, np.array([p["group"] for p in cache.pairs])
+
+
+def uncertainty_stats(runs, cache):
+    """K scorings of a cache at one level, each with its own noise -> variation ratio of the decisions (the
+    fraction of a pair's K decisions that differ from its modal one, averaged over pairs), the mean margin
+    |r+ - r-| and the mean per-image score variance over the K noisings (DiNa-LRM Table 4)."""
+    K = len(runs)
+    d = np.stack([np.subtract(*pair_scores(cache, s)[:2]) for s in runs])  # (K, pairs)
+    wins = (d > 0).sum(0)  # decision: r+ > r- (a model tie counts as wrong, as in the accuracy)
+    items = sorted(runs[0])
+    var = np.stack([[s[i] for i in items] for s in runs]).var(0, ddof=1 if K > 1 else 0)  # (images,)
+    return dict(K=K, variation_ratio=float((1 - np.maximum(wins, K - wins) / K).mean()),
+                margin=float(np.abs(d).mean()), score_var=float(var.mean()))
+
+
+def save_atomic(path, write):
+    """write(tmp) in the same folder, then rename: never a half-written result under the real name."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def plot_sweep(path, ts, curves):
+    """Accuracy vs noise level, one line per benchmark (as DiNa-LRM Figure 2). matplotlib if installed
+    (Agg), otherwise a plain PIL line chart, so the PNG exists either way."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        plt = None
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, acc in curves.items():
+            ax.plot(ts, [100 * a for a in acc], marker="o", label=name)
+        ax.set(xlabel="noise level t", ylabel="pairwise accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        save_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+        return plt.close(fig)
+    from PIL import Image, ImageDraw
+    W, H, m = 720, 440, 60
+    img, colors = Image.new("RGB", (W, H), "white"), ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    d, accs = ImageDraw.Draw(img), [a for acc in curves.values() for a in acc]
+    lo, hi = max(0.0, min(accs) - 0.05), min(1.0, max(accs) + 0.05)
+    t0, t1 = min(ts), max(ts) if max(ts) > min(ts) else min(ts) + 1
+    px = lambda t, a: (m + (t - t0) / (t1 - t0) * (W - 2 * m), H - m - (a - lo) / max(hi - lo, 1e-6) * (H - 2 * m))
+    d.rectangle([m, m, W - m, H - m], outline="black")
+    for t in ts:
+        d.text((px(t, lo)[0] - 8, H - m + 6), f"{t:.2g}", fill="black")
+    for a in np.linspace(lo, hi, 5):
+        d.text((8, px(t0, a)[1] - 6), f"{100 * a:.0f}%", fill="black")
+    d.text((W // 2 - 40, H - 24), "noise level t", fill="black")
+    d.text((m, 20), "pairwise accuracy vs t", fill="black")
+    for j, (name, acc) in enumerate(curves.items()):
+        c, pts = colors[j % len(colors)], [px(t, a) for t, a in zip(ts, acc)]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        for x, y in pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+        d.text((W - m - 150, m + 8 + 14 * j), f"- {name}", fill=c)
+    save_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def peak_memory():
+    """-> (bytes, what): CUDA max allocated, else the process's peak RSS (Linux reports KiB)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "CUDA max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+# ----------------------------------------------------------------------------- the scorer
+
+
+class Scorer:
+    """A checkpoint ready to score: EMA weights, its noise level(s), its VAE and text encoders (loaded on
+    first use), its resolution buckets. Scorer(ckpt).score(prompt, [paths or PIL images]) -> [floats]."""
+
+    def __init__(self, ckpt, t=None, ensemble=None, seed=0, device=None, expect=None):
+        self.path = ckpt_file(ckpt)
+        self.model, self.meta = load_reward_model(self.path, expect=expect)
+        self.a, self.seed, self._enc = self.meta["args"], seed, None
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.ts = tuple(ensemble) if ensemble else (float(self.a.get("t_eval", 0.4) if t is None else t),)
+        r = self.a.get("resolution")
+        self.buckets = [(r, r)] if r else data.BUCKETS
+
+    def encoders(self):  # -> (encode_images, encode_prompts) of the checkpoint's own pipeline, loaded once
+        if self._enc is None:
+            dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+            pipe = load_pipeline(self.a["backbone"], self.a.get("backbone_path"), self.a.get("seed", 0),
+                                 with_transformer=False, dtype=dtype).to(self.device)
+            self._enc = make_encoders(pipe, self.device, self.a.get("max_text_len", 77))
+        return self._enc
+
+    @torch.no_grad()
+    def score_latents(self, lat, eps, prompt_embeds, pooled, ts=None):
+        """Clean latents (B,C,h,w), noise (B,C,h,w), prompt_embeds (B,L,D), pooled (B,P) -> (B,) on CPU."""
+        cuda = self.device.startswith("cuda")
+        x = [v.to(self.device, torch.float32) for v in (lat, eps, prompt_embeds, pooled)]
+        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
+            return score_noised(self.model, *x, ts or self.ts).float().cpu()
+
+    def score_cache(self, cache, ts=None, rep=0, batch=32):
+        """Every unique (image, prompt) of a data.PairCache scored once -> {(image key, prompt key): score}."""
+        out = {}
+        for shape, items in unique_items(cache).items():
+            for i in range(0, len(items), batch):
+                chunk = items[i:i + batch]
+                lat = torch.stack([cache._get(cache.lat[k], k) for k, _ in chunk])  # (B,C,h,w)
+                pe = torch.stack([cache._get(cache.txt[q], q + ".embeds") for _, q in chunk])  # (B,L,D)
+                pooled = torch.stack([cache._get(cache.txt[q], q + ".pooled") for _, q in chunk])  # (B,P)
+                eps = torch.stack([item_noise(self.seed, q, rep, shape) for _, q in chunk])
+                out.update(zip(chunk, self.score_latents(lat, eps, pe, pooled, ts).tolist()))
+        return out
+
+    def score(self, prompt, images):
+        """Your own images (paths or PIL) for one prompt -> one score per image, at the checkpoint's t
+        (or ensemble); the images share their noise, as the two images of a benchmark pair do."""
+        enc_img, enc_txt = self.encoders()
+        pe, pooled = enc_txt([prompt])
+        out = []
+        for im in images:
+            im = data.load_image(str(im)) if isinstance(im, (str, os.PathLike)) else im.convert("RGB")
+            z = enc_img(data.to_bucket(im, data.nearest_bucket(*im.size, self.buckets))[None])  # (1,C,h,w)
+            out.append(self.score_latents(z, item_noise(self.seed, data._key(prompt), 0, z.shape[1:])[None], pe, pooled).item())
+        return out
+
+
+def open_cache(sc, name, path, root, cache_dir=None, skip_bad=False, batch=32):
+    """Read a benchmark, encode it once into a latent cache (reused while the pairs and the encoders'
+    settings are unchanged) -> (data.PairCache, reader info, {image key: path})."""
+    pairs, info = data.read_benchmark(path, image_root=os.path.abspath(root) if root else None)
+    if not pairs:
+        raise ValueError(f"{path}: empty benchmark: no scorable pairs in {info['records']} records "
+                         f"({info['skipped_ties']} ties, {info['skipped_bothbad']} both-bad skipped)")
+    a = sc.a
+    fp = hashlib.sha1(json.dumps([[a.get(k) for k in ("backbone", "backbone_path", "seed", "resolution", "max_text_len")],
+                                  [[p["prompt"], p["chosen"], p["rejected"], p["label"], p["group"]] for p in pairs]],
+                                 ).encode()).hexdigest()[:10]
+    folder = os.path.join(cache_dir or os.path.dirname(os.path.abspath(path)),
+                          f"{os.path.splitext(os.path.basename(path))[0]}.eval-{a['backbone']}-{fp}")
+    if not os.path.isfile(os.path.join(folder, "index.json")):
+        print(f"{name}: caching {len(pairs)} pairs of {path} into {folder}")
+        try:
+            data.build_cache(pairs, None, folder, *sc.encoders(), sc.buckets, batch_size=batch, skip_bad=skip_bad)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # no half-built cache is left to be mistaken for one
+            raise
+    cache = data.PairCache(folder, latent_channels=sc.model.tap.config.in_channels)
+    return cache, info, {data._key(p[k]): p[k] for p in pairs for k in ("chosen", "rejected")}
+
+
+def main(args):
+    # -------------------------------------------------------------------------- checkpoint (EMA weights), noise levels
+    sc = Scorer(args.ckpt, args.t, args.ensemble, args.seed, expect={"head": args.head, "backbone": args.backbone})
+    a, ts = sc.a, list(sc.ts)
+    print(f"{a['head']} on {a['backbone']}, step {sc.meta.get('step')} ({sc.path}, EMA weights if saved); "
+          f"t = {','.join(map(str, ts))}{' (ensemble)' if len(ts) > 1 else ''}; seed {args.seed}; device {sc.device}")
+
+    # -------------------------------------------------------------------------- score your own images
+    if args.prompt is not None or args.images:
+        if not (args.prompt and args.images):
+            raise ValueError("--prompt needs image paths, and image paths need --prompt")
+        scores = sc.score(args.prompt, args.images)
+        rank = {i: r for r, i in enumerate(np.argsort(-np.array(scores), kind="stable"), start=1)}
+        print(f"prompt: {args.prompt!r}\n{'rank':>4}  {'score':>10}  image")
+        for i, (p, s) in enumerate(zip(args.images, scores)):
+            print(f"{rank[i]:>4}  {s:>10.5f}  {p}")
+        print("ranking (best first): " + " > ".join(args.images[i] for i in np.argsort(-np.array(scores), kind="stable")))
+        return scores
+
+    # -------------------------------------------------------------------------- benchmarks -> caches (encoded once)
+    benches = parse_benches(args.bench, args.image_root, a["backbone"])
+    caches = [open_cache(sc, name, path, root, args.cache_dir, args.skip_bad, args.batch) for name, _, path, root in benches]
+    sc._enc = None  # the VAE and text encoders are not needed for scoring the caches
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    cost = dict(images=0, passes=0, seconds=0.0)
+
+    def run(cache, levels, rep=0):  # one timed scoring of every unique image of a benchmark
+        t0 = time.time()
+        s = sc.score_cache(cache, levels, rep, args.batch)
+        cost.update(images=cost["images"] + len(s), passes=cost["passes"] + len(s) * len(levels),
+                    seconds=cost["seconds"] + time.time() - t0)
+        if not np.isfinite(list(s.values())).all():
+            raise FloatingPointError(f"{cache.dir}: non-finite scores at t={levels}; check the checkpoint {sc.path}")
+        return s
+
+    def rows(name, split, cache, paths, s, levels, what):  # per-pair lines of scores.jsonl
+        return [dict(benchmark=name, split=split, run=what, t=list(levels), pair=i, chosen=paths[p["chosen"]],
+                     rejected=paths[p["rejected"]], prompt=p["prompt_text"], group=p["group"],
+                     r_chosen=s[(p["chosen"], p["prompt"])], r_rejected=s[(p["rejected"], p["prompt"])])
+                for i, p in enumerate(cache.pairs)]
+
+    # -------------------------------------------------------------------------- accuracy at t (or the ensemble)
+    results, lines = {}, []
+    for (name, split, path, _), (cache, info, paths) in zip(benches, caches):
+        s = run(cache, ts)
+        acc = data.pairwise_accuracy(*pair_scores(cache, s))
+        results[name] = dict(split=split, file=path, format=info["format"], records=info["records"],
+                             skipped_ties=info["skipped_ties"], skipped_bothbad=info["skipped_bothbad"],
+                             dropped=info["pairs"] - len(cache), images=len(s), **acc)
+        lines += rows(name, split, cache, paths, s, ts, "main")
+
+    # -------------------------------------------------------------------------- accuracy vs t (DiNa-LRM Figure 2)
+    for t in args.sweep_t or ():
+        for (name, split, _, _), (cache, _, paths) in zip(benches, caches):
+            s = run(cache, [t])
+            results[name].setdefault("sweep", {})[str(t)] = data.pairwise_accuracy(*pair_scores(cache, s))["acc"]
+            lines += rows(name, split, cache, paths, s, [t], "sweep")
+
+    # -------------------------------------------------------------------------- uncertainty (DiNa-LRM Table 4)
+    for t in args.uncertainty_t if args.uncertainty > 0 else ():
+        for (name, _, _, _), (cache, _, _) in zip(benches, caches):
+            runs = [run(cache, [t], rep) for rep in range(args.uncertainty)]
+            results[name].setdefault("uncertainty", {})[str(t)] = uncertainty_stats(runs, cache)
+
+    # -------------------------------------------------------------------------- report
+    mem, mem_what = peak_memory()
+    cost.update(images_per_s=cost["images"] / max(cost["seconds"], 1e-9), peak_memory_mb=mem / 2 ** 20,
+                peak_memory_kind=mem_what, batch=args.batch, device=sc.device)
+    print(f"\naccuracy at t = {','.join(map(str, ts))} (strict r+ > r-, annotator ties skipped):")
+    print(f"{'benchmark':<14}{'split':<10}{'format':<13}{'pairs':>7}{'skipped':>9}{'accuracy':>10}{'per-prompt':>12}{'prompts':>9}")
+    for name, r in results.items():
+        print(f"{name:<14}{r['split']:<10}{r['format']:<13}{r['pairs']:>7}{r['skipped_ties'] + r['skipped_bothbad']:>9}"
+              f"{100 * r['acc']:>9.2f}%{100 * r['per_prompt_acc']:>11.2f}%{r['prompts']:>9}")
+    if args.sweep_t:
+        cols = [f"{n}/{r['split']} ({r['pairs']})" for n, r in results.items()]
+        print("\naccuracy vs t (benchmark/split (pairs)):\n" + f"{'t':>5}  " + "".join(f"{c:>28}" for c in cols))
+        for t in args.sweep_t:
+            print(f"{t:>5.2f}  " + "".join(f"{100 * r['sweep'][str(t)]:>27.2f}%" for r in results.values()))
+    if args.uncertainty > 0:
+        print(f"\nuncertainty over K = {args.uncertainty} noisings per pair:")
+        print(f"{'benchmark':<14}{'split':<10}{'pairs':>7}{'t':>6}{'variation ratio':>17}{'margin':>10}{'score var':>12}")
+        for name, r in results.items():
+            for t, u in r["uncertainty"].items():
+                print(f"{name:<14}{r['split']:<10}{r['pairs']:>7}{float(t):>6.2f}{u['variation_ratio']:>17.4f}"
+                      f"{u['margin']:>10.4f}{u['score_var']:>12.3g}")
+    print(f"\nscoring cost: {cost['images']} image scores ({cost['passes']} backbone passes) in {cost['seconds']:.2f} s = "
+          f"{cost['images_per_s']:.1f} images/s at batch {args.batch} on {sc.device}; peak memory "
+          f"{cost['peak_memory_mb']:.0f} MiB ({mem_what})")
+
+    # -------------------------------------------------------------------------- write (atomic; after every benchmark was scored)
+    out = args.out or os.path.dirname(os.path.abspath(sc.path))
+    os.makedirs(out, exist_ok=True)
+    save_atomic(os.path.join(out, "scores.jsonl"), lambda tmp: Path(tmp).write_text("".join(json.dumps(l) + "\n" for l in lines)))
+    if args.sweep_t:
+        plot_sweep(os.path.join(out, "sweep_t.png"), list(args.sweep_t),
+                   {f"{n}/{r['split']}": [r["sweep"][str(t)] for t in args.sweep_t] for n, r in results.items()})
+    summary = dict(ckpt=sc.path, step=sc.meta.get("step"), head=a["head"], backbone=a["backbone"], t=ts, seed=args.seed,
+                   benchmarks=results, cost=cost, scores="scores.jsonl", sweep_png="sweep_t.png" if args.sweep_t else None)
+    save_atomic(os.path.join(out, "results.json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    print(f"wrote {out}/results.json, scores.jsonl ({len(lines)} lines)" + (", sweep_t.png" if args.sweep_t else ""))
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(parser.parse_args())
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: one line naming the file
+        sys.exit(f"eval_reward.py: error: {e}")
