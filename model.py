@@ -178,7 +178,7 @@ class DiTTap(nn.Module):
         self.pos_embed, self.time_text_embed = transformer.pos_embed, transformer.time_text_embed
         self.context_embedder = transformer.context_embedder
         self.blocks = nn.ModuleList(transformer.transformer_blocks[:n_blocks])
-        self.taps, self.config = tuple(taps), transformer.config
+        self.taps, self.config = tuple(sorted(set(taps))), transformer.config  # features come back in block order
         self.width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.grad_ckpt = False
 
@@ -370,6 +370,8 @@ def build_reward_model(backbone, head, path=None, n_blocks=None, taps=None, lora
     if head == "drm":
         taps = (n_blocks,)  # DRM reads the last kept block
     transformer = transformer or load_transformer(backbone, path, seed)
+    if head == "dina" and max(taps) == len(transformer.transformer_blocks):
+        raise ValueError(f"dina reads the text stream, which the model's last block ({max(taps)}) does not output")
     tap = DiTTap(transformer, n_blocks, taps)
     torch.manual_seed(seed)
     if head == "dina":

@@ -96,7 +96,7 @@ def resolve_args(args):
     check_names(args.backbone, args.head)
     if args.backbone in ("tiny", "toy"):
         for k, v in TOY_RECIPE.items():
-            if getattr(args, k) == parser.get_default(k):
+            if getattr(args, k) == parser.get_default(k) and (args.backbone == "toy" or "data" not in k):
                 setattr(args, k, v)
     args.loss = args.loss or ("thurstone" if args.head == "dina" else "bt")
     args.same_noise = bool(args.head == "dina" if args.same_noise is None else args.same_noise)
@@ -298,9 +298,12 @@ def main(args):
         raise ValueError(f"{args.data}: fewer pairs per bucket than one global batch ({args.global_batch})")
     acc_eval, t0, metrics = None, time.time(), {}
     bar = tqdm(total=args.steps, initial=step, disable=not master, desc="train", mininterval=5)
+    epoch_batches = (None, None)  # (epoch, its global batches): rebuilt once per epoch
     while step < args.steps:
         epoch, pos = divmod(step, n_per_epoch)
-        batch = global_batches(train_cache, args.global_batch, args.seed, epoch)[pos]
+        if epoch_batches[0] != epoch:
+            epoch_batches = (epoch, global_batches(train_cache, args.global_batch, args.seed, epoch))
+        batch = epoch_batches[1][pos]
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warmup, then constant
         for group in opt.param_groups:
             group["lr"] = lr
