@@ -190,18 +190,18 @@ def plot_sweep(path, ts, curves):
         save_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
         return plt.close(fig)
     from PIL import Image, ImageDraw
-    W, H, m = 720, 440, 60
+    W, H, m, R = 760, 440, 60, 200  # R: right margin holding the legend
     img, colors = Image.new("RGB", (W, H), "white"), ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
     d, accs = ImageDraw.Draw(img), [a for acc in curves.values() for a in acc]
     lo, hi = max(0.0, min(accs) - 0.05), min(1.0, max(accs) + 0.05)
     t0, t1 = min(ts), max(ts) if max(ts) > min(ts) else min(ts) + 1
-    px = lambda t, a: (m + (t - t0) / (t1 - t0) * (W - 2 * m), H - m - (a - lo) / max(hi - lo, 1e-6) * (H - 2 * m))
-    d.rectangle([m, m, W - m, H - m], outline="black")
+    px = lambda t, a: (m + (t - t0) / (t1 - t0) * (W - m - R), H - m - (a - lo) / max(hi - lo, 1e-6) * (H - 2 * m))
+    d.rectangle([m, m, W - R, H - m], outline="black")
     for t in ts:
         d.text((px(t, lo)[0] - 8, H - m + 6), f"{t:.2g}", fill="black")
     for a in np.linspace(lo, hi, 5):
         d.text((8, px(t0, a)[1] - 6), f"{100 * a:.0f}%", fill="black")
-    d.text((W // 2 - 40, H - 24), "noise level t", fill="black")
+    d.text(((m + W - R) // 2 - 40, H - 24), "noise level t", fill="black")
     d.text((m, 20), "pairwise accuracy vs t", fill="black")
     for j, (name, acc) in enumerate(curves.items()):
         c, pts = colors[j % len(colors)], [px(t, a) for t, a in zip(ts, acc)]
@@ -209,7 +209,7 @@ def plot_sweep(path, ts, curves):
             d.line(pts, fill=c, width=2)
         for x, y in pts:
             d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
-        d.text((W - m - 150, m + 8 + 14 * j), f"- {name}", fill=c)
+        d.text((W - R + 12, m + 16 * j), f"-- {name}", fill=c)
     save_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
@@ -239,8 +239,9 @@ class Scorer:
     def encoders(self):  # -> (encode_images, encode_prompts) of the checkpoint's own pipeline, loaded once
         if self._enc is None:
             dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+            no_t5 = self.a["backbone"] in ("tiny", "toy")  # then diffusers reads the T5 width off the transformer
             pipe = load_pipeline(self.a["backbone"], self.a.get("backbone_path"), self.a.get("seed", 0),
-                                 with_transformer=False, dtype=dtype).to(self.device)
+                                 with_transformer=no_t5, dtype=dtype).to(self.device)
             self._enc = make_encoders(pipe, self.device, self.a.get("max_text_len", 77))
         return self._enc
 
@@ -376,6 +377,10 @@ def main(args):
     for name, r in results.items():
         print(f"{name:<14}{r['split']:<10}{r['format']:<13}{r['pairs']:>7}{r['skipped_ties'] + r['skipped_bothbad']:>9}"
               f"{100 * r['acc']:>9.2f}%{100 * r['per_prompt_acc']:>11.2f}%{r['prompts']:>9}")
+    for name, r in results.items():
+        if r["dropped"]:
+            print(f"note: {name}: {r['dropped']} of {r['pairs'] + r['dropped']} pairs dropped (unreadable images with "
+                  f"--skip-bad, or two images in different buckets)")
     if args.sweep_t:
         cols = [f"{n}/{r['split']} ({r['pairs']})" for n, r in results.items()]
         print("\naccuracy vs t (benchmark/split (pairs)):\n" + f"{'t':>5}  " + "".join(f"{c:>28}" for c in cols))

@@ -28,6 +28,14 @@ def write_jsonl(path, recs):
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # tiny tensors: a second intra-op thread only adds overhead on a shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny dina checkpoint (random head, step 0) and five benchmark files over 10 images."""
@@ -202,3 +210,30 @@ def test_bad_input(world, tmp_path):
     r = subprocess.run([sys.executable, "eval_reward.py", "--ckpt", str(world / "ckpt"), "--bench",
                         f"w={world / 'wrong.json'}", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "wrong.json: unknown pair format" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_toy_default_benchmarks(world, tmp_path, monkeypatch, capsys):
+    """A `toy`-backbone checkpoint with no --bench evaluates the five toy benchmark files of out/toy (paths
+    relative to out/toy), its encoders loaded from the saved diffusers folder without the transformer."""
+    from model import make_tiny_pipeline
+    monkeypatch.chdir(tmp_path)
+    toy = tmp_path / "out/toy"
+    make_tiny_pipeline(0, size="toy").save_pretrained(str(toy / "pipeline"))
+    model = build_reward_model("toy", "dina")
+    save_checkpoint("out/reward-toy-dina/ckpt.safetensors", {"model." + n: p for n, p in trainable_state(model).items()},
+                    {"args": {**TRAIN_ARGS, "backbone": "toy"}, "step": 0})
+    (toy / "bench").mkdir()
+    (toy / "images").symlink_to(world / "img")
+    rel = lambda s: s.replace(str(world) + "/", "").replace("img/", "images/")
+    for f, dst in (("hpdv3.json", "test.json"), ("hpdv2.json", "bench/hpdv2_test.json"),
+                   ("imagereward.json", "bench/imagereward_test.json"), ("genai.jsonl", "bench/genai_bench.jsonl"),
+                   ("pickapic.jsonl", "bench/pickapic_test.jsonl")):
+        (toy / dst).write_text(rel((world / f).read_text()))
+    res = eval_reward.main(eval_reward.parser.parse_args(["--ckpt", "out/reward-toy-dina"]))
+    assert [(n, r["split"], r["pairs"]) for n, r in res["benchmarks"].items()] == [
+        ("hpdv3", "test", 3), ("hpdv2", "test", 8), ("imagereward", "test", 5), ("genai-bench", "test", 3), ("pickapic", "test", 2)]
+    assert (tmp_path / "out/reward-toy-dina/results.json").is_file() and (toy / "bench" / "hpdv2_test.json").is_file()
+    assert "genai-bench   test" in capsys.readouterr().out
+    (toy / "bench/pickapic_test.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="pickapic_test.jsonl: toy benchmark not found"):
+        eval_reward.main(eval_reward.parser.parse_args(["--ckpt", "out/reward-toy-dina"]))
