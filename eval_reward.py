@@ -94,7 +94,7 @@ def parse_benches(specs, image_root, backbone, toy_dir=TOY_DIR):
     the five toy benchmarks (split defaults to the file's stem)."""
     if not specs:
         if backbone != "toy":
-            raise ValueError(f"no --bench NAME=PATH given (the toy benchmarks are the default only for backbone toy)")
+            raise ValueError("no --bench NAME=PATH given (the toy benchmarks are the default only for backbone toy)")
         out = [(n, s, os.path.join(toy_dir, f), toy_dir) for n, s, f in TOY_BENCH]
         missing = [p for _, _, p, _ in out if not os.path.isfile(p)]
         if missing:

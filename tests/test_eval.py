@@ -3,7 +3,6 @@ one benchmark file in each real format (ranked groups and rankings with ties, vo
 Pick-a-Pic ties). The accuracy is recomputed independently from the per-pair JSONL, the pair counts are
 checked by hand, and the bad-input cases of DESIGN.md 12 leave no results behind."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
