@@ -125,6 +125,11 @@ def test_noise_matches_model_score_and_is_batch_invariant(world, tmp_path):
         with torch.no_grad():
             ref = sc.model.score(lat, pe, pooled, ts=ts, generator=gen)
         torch.testing.assert_close(mine, ref)
+    drm = build_reward_model("tiny", "drm").eval()  # the mean-of-scores branch of the other heads
+    eps = eval_reward.item_noise(0, key, 0, lat.shape[1:])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(eval_reward.score_noised(drm, lat, eps, pe, pooled, (0.2, 0.7)), drm.score(
+            lat, pe, pooled, ts=(0.2, 0.7), generator=torch.Generator().manual_seed(int(key[:12], 16))))
     run(world, tmp_path / "a", "--batch", "1")
     run(world, tmp_path / "b", "--batch", "16")
     run(world, tmp_path / "c", "--batch", "16")
