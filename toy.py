@@ -1,0 +1,412 @@
+"""
+Builds the toy world on disk (DESIGN.md section 8), deterministically from a seed:
+
+  renders -> tiny AutoencoderKL -> tiny SD3 generator (rectified flow) -> preference pairs
+  (HPDv3 train/test JSON) -> benchmarks in the real formats (HPDv2, ImageReward, GenAI-Bench,
+  Pick-a-Pic) -> summary.json.
+
+Launch (about 5 minutes on 2 CPU cores):
+
+  python toy.py                       # -> out/toy
+  python toy.py --small --out /tmp/w  # a miniature world in seconds (tests)
+
+From another stage: `toy.build("out/toy")` builds the world unless out/toy/summary.json exists.
+
+Layout of out/toy (every path inside the JSON files is relative to out/toy, the readers'
+image_root):
+  images/render/*.png        the renders the VAE and the generator were trained on
+  images/train/*.png         candidates of the training pairs; images/test/*.png: test + benchmarks
+  pipeline/                  StableDiffusion3Pipeline (two CLIP encoders, no T5): from_pretrained(
+                             dir, text_encoder_3=None, tokenizer_3=None)
+  samples.png                generator samples with their prompts
+  train.json, test.json      HPDv3 format; test_oracle.json: the oracle score of each test image
+  bench/hpdv2_test.json, bench/imagereward_test.json, bench/genai_bench.jsonl, bench/pickapic_test.jsonl
+  summary.json               counts, timings, VAE error, generator match rates; written last
+
+The world is built in `<out>.partial` and renamed to `<out>` at the end, so a half-built world
+is never mistaken for a built one. Deviations: the VAE's KL weight is tiny (1e-6) and the latent
+normalisation is one scalar shift/scale for all channels, as SD3 does.
+"""
+
+import argparse
+import copy
+import itertools
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from data import (TOY_BACKGROUNDS, TOY_COLORS, TOY_CORRUPTIONS, TOY_HELDOUT, TOY_SHAPES, corrupt_toy,
+                  parse_toy_prompt, render_toy, toy_annotate, toy_golden_score, toy_prompt)
+from model import make_tiny_pipeline
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# output
+parser.add_argument("--out", default="out/toy")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--small", action="store_true", help="miniature world for tests (few steps, few images)")
+# renders (the generator's training set)
+parser.add_argument("--renders-per-prompt", type=int, default=64)
+# VAE: L1 + L2 reconstruction + a small KL
+parser.add_argument("--vae-steps", type=int, default=500)
+parser.add_argument("--vae-batch", type=int, default=32)
+parser.add_argument("--vae-lr", type=float, default=2e-3)
+parser.add_argument("--kl-weight", type=float, default=1e-6)
+# generator: rectified flow, logit-normal t (SD3), 10% empty-prompt dropout for CFG, EMA
+parser.add_argument("--gen-steps", type=int, default=400)
+parser.add_argument("--gen-batch", type=int, default=32)
+parser.add_argument("--lr", type=float, default=1e-3)
+parser.add_argument("--warmup", type=int, default=50)
+parser.add_argument("--p-uncond", type=float, default=0.1)
+parser.add_argument("--ema", type=float, default=0.99)
+# sampling with the pipeline itself
+parser.add_argument("--sample-steps", type=int, default=12)
+parser.add_argument("--cfg", type=float, default=4.0)
+parser.add_argument("--gen-per-prompt", type=int, default=3, help="generator samples in each prompt's pool")
+# preference pairs (HPDv3) and benchmarks
+parser.add_argument("--n-train-pairs", type=int, default=5000)
+parser.add_argument("--n-test-pairs", type=int, default=800)
+parser.add_argument("--test-train-prompts", type=int, default=9, help="training prompts added to the test prompts")
+parser.add_argument("--train-raters", type=int, default=5)
+parser.add_argument("--test-raters", type=int, default=21)
+parser.add_argument("--rater-noise", type=float, default=0.1)
+parser.add_argument("--tie-margin", type=float, default=0.02, help="oracle gap below which annotators tie")
+parser.add_argument("--bothbad", type=float, default=0.5, help="GenAI-Bench: both oracle scores below -> bothbad_vote")
+parser.add_argument("--n-bench", type=int, default=300, help="pairs in each pairwise benchmark")
+SMALL = dict(renders_per_prompt=4, vae_steps=3, vae_batch=8, gen_steps=3, gen_batch=8, warmup=1, sample_steps=2,
+             gen_per_prompt=1, n_train_pairs=200, n_test_pairs=60, test_train_prompts=2, n_bench=20)
+
+# -----------------------------------------------------------------------------
+# Pure helpers
+
+
+def to_tensor(images):
+    """PIL list -> (N,3,H,W) float in [-1, 1]."""
+    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def all_prompts():
+    return [toy_prompt(c, s, b) for c in TOY_COLORS for s in TOY_SHAPES for b in TOY_BACKGROUNDS]
+
+
+def is_heldout(prompt):
+    return tuple(parse_toy_prompt(prompt)[:2]) in set(map(tuple, TOY_HELDOUT))
+
+
+def oracle_read(images):
+    """The prompt the oracle reads off each image: argmax over all toy prompts of toy_golden_score
+    (fidelity is a sum over colour, shape and background, so this reads each attribute)."""
+    prompts = all_prompts()
+    scores = np.stack([toy_golden_score(images, [p] * len(images)) for p in prompts], 1)  # (N, P)
+    return [prompts[i] for i in scores.argmax(1)]
+
+
+def match_stats(images, prompts):
+    """Fraction of images whose colour, shape, background (and all three) match their prompt."""
+    if not images:
+        return {}
+    read = [parse_toy_prompt(p) for p in oracle_read(images)]
+    want = [parse_toy_prompt(p) for p in prompts]
+    hit = np.array([[r[k] == w[k] for k in range(3)] for r, w in zip(read, want)])
+    return dict(n=len(images), match=float(hit.all(1).mean()), color=float(hit[:, 0].mean()),
+                shape=float(hit[:, 1].mean()), background=float(hit[:, 2].mean()),
+                oracle=float(toy_golden_score(images, prompts).mean()))
+
+
+def make_pool(prompt, rng, n_clean=3, n_strengths=2):
+    """Candidates for one prompt: [(PIL, source)], clean renders, one render per wrong attribute and
+    corrupted renders (each kind at n_strengths random strengths). Generator samples come later."""
+    c, s, b = parse_toy_prompt(prompt)
+    pool = [(render_toy(c, s, b, rng), "render") for _ in range(n_clean)]
+    pool.append((render_toy(str(rng.choice([x for x in TOY_COLORS if x != c])), s, b, rng), "wrong-color"))
+    pool.append((render_toy(c, str(rng.choice([x for x in TOY_SHAPES if x != s])), b, rng), "wrong-shape"))
+    pool.append((render_toy(c, s, str(rng.choice([x for x in TOY_BACKGROUNDS if x != b])), rng), "wrong-background"))
+    for kind in TOY_CORRUPTIONS:
+        for strength in rng.uniform(0.2, 1.0, n_strengths):
+            pool.append((corrupt_toy(render_toy(c, s, b, rng), kind, strength, rng), kind))
+    return pool
+
+
+def hpdv3_records(items, pairs, votes, n_raters):
+    """items [(path, source, prompt)], pairs (K,2) index pairs, votes (K,) for the first -> HPDv3
+    records with path1 = the majority's choice, choice_dist = [votes path1, votes path2]."""
+    out = []
+    for (i, j), v in zip(pairs, votes):
+        v = int(v)
+        if 2 * v < n_raters:
+            i, j, v = j, i, n_raters - v
+        out.append(dict(prompt=items[i][2], path1=items[i][0], path2=items[j][0], choice_dist=[v, n_raters - v],
+                        confidence=v / n_raters, model1=items[i][1], model2=items[j][1]))
+    return out
+
+
+def within_prompt_pairs(groups, n, rng, scores=None, margin=0.0):
+    """Sample n distinct pairs (i, j) inside the index groups; drop oracle near-ties if scores."""
+    pairs = np.array([p for g in groups for p in itertools.combinations(g, 2)])
+    if scores is not None:
+        pairs = pairs[np.abs(scores[pairs[:, 0]] - scores[pairs[:, 1]]) >= margin]
+    pairs = pairs[rng.permutation(len(pairs))[:n]]
+    return np.where(rng.random((len(pairs), 1)) < 0.5, pairs, pairs[:, ::-1])  # random left / right
+
+
+def ties_ranking(scores, margin):
+    """Competition ranking (1 = best); neighbours within margin of each other share a rank."""
+    order = np.argsort(-scores, kind="stable")
+    rank, r = np.zeros(len(scores), int), 1
+    for k, i in enumerate(order):
+        if k > 0 and scores[order[k - 1]] - scores[i] >= margin:
+            r = k + 1
+        rank[i] = r
+    return rank.tolist()
+
+
+def sample_grid(images, prompts, scale=3, cols=6):
+    """Upscaled samples with their prompts written under them."""
+    w, h = 32 * scale + 150 - 32 * scale, 32 * scale + 30
+    grid = Image.new("RGB", (cols * w, -(-len(images) // cols) * h), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (im, p) in enumerate(zip(images, prompts)):
+        x, y = (k % cols) * w, (k // cols) * h
+        grid.paste(im.resize((32 * scale, 32 * scale), Image.NEAREST), (x + (w - 32 * scale) // 2, y))
+        c, s, b = parse_toy_prompt(p)
+        draw.text((x + 4, y + 32 * scale + 2), f"{c} {s}" + (" *" if is_heldout(p) else ""), fill="black")
+        draw.text((x + 4, y + 32 * scale + 14), f"on {b}", fill="black")
+    return grid
+
+
+def save_images(folder, images, root):
+    """Write PNGs named 00000.png... under root/folder; return the paths relative to root."""
+    os.makedirs(os.path.join(root, folder), exist_ok=True)
+    paths = []
+    for k, im in enumerate(images):
+        paths.append(f"{folder}/{k:05d}.png")
+        im.save(os.path.join(root, paths[-1]))
+    return paths
+
+
+def write_json(path, obj, lines=False):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        if lines:
+            f.writelines(json.dumps(r) + "\n" for r in obj)
+        else:
+            json.dump(obj, f, indent=1)
+
+
+def build(out_dir="out/toy", seed=0, force=False, **overrides):
+    """Build the toy world into out_dir unless it is already built (its summary.json exists).
+    overrides: any parser flag by its dest name, e.g. build(d, small=True, gen_steps=10)."""
+    if os.path.isfile(os.path.join(out_dir, "summary.json")) and not force:
+        return out_dir
+    args = parser.parse_args(["--out", str(out_dir), "--seed", str(seed)])
+    vars(args).update(overrides)
+    main(args)
+    return out_dir
+
+# -----------------------------------------------------------------------------
+
+
+def main(args):
+    if args.small:
+        for k, v in SMALL.items():
+            setattr(args, k, min(getattr(args, k), v))
+    out, tmp = args.out.rstrip("/"), args.out.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    timings, summary, t_all = {}, {"args": vars(args)}, time.time()
+    prompts = all_prompts()
+    train_prompts = [p for p in prompts if not is_heldout(p)]
+    heldout_prompts = [p for p in prompts if is_heldout(p)]
+
+    # ------------------------------------------------------------------ renders
+    t0 = time.time()
+    render_prompts = [p for p in train_prompts for _ in range(args.renders_per_prompt)]
+    renders = [render_toy(*parse_toy_prompt(p), rng) for p in tqdm(render_prompts, desc="render", leave=False)]
+    save_images("images/render", renders, tmp)
+    x_all = to_tensor(renders)  # (N,3,32,32) in [-1,1]
+    timings["render"] = time.time() - t0
+    print(f"render: {timings['render']:.1f} s ({len(renders)} images, {len(train_prompts)} training prompts)")
+
+    # ------------------------------------------------------------------ VAE
+    t0 = time.time()
+    pipe = make_tiny_pipeline(args.seed, size="toy")
+    pipe.set_progress_bar_config(disable=True)
+    vae = pipe.vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    pbar = tqdm(range(args.vae_steps), desc="vae", leave=False)
+    for step in pbar:
+        x = x_all[torch.randint(len(x_all), (args.vae_batch,), generator=g)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.mode()).sample  # the posterior mean: a short run learns much faster than with samples
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + args.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        pbar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():  # latent statistics -> SD3-style normalisation (z - shift) * scale
+        z = torch.cat([vae.encode(xb).latent_dist.mean for xb in x_all.split(256)])  # (N,4,8,8)
+        shift, scale = z.mean().item(), 1.0 / z.std().item()
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+        ev = torch.arange(0, len(x_all), max(1, len(x_all) // 512))  # every prompt, ~512 renders
+        rec = torch.cat([vae.decode(zb).sample for zb in z[ev].split(256)]).clamp(-1, 1)
+    latents = (z - shift) * scale  # (N,4,8,8), ~unit variance
+    rec_pil = [Image.fromarray(a) for a in ((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)]
+    summary["vae"] = dict(l1=float((rec - x_all[ev]).abs().mean() / 2), shift_factor=shift, scaling_factor=scale,
+                          recon=match_stats(rec_pil, [render_prompts[i] for i in ev]))
+    timings["vae"] = time.time() - t0
+    print(f"vae: {timings['vae']:.1f} s (L1 {summary['vae']['l1']:.4f} in [0,1] units, "
+          f"recon match {summary['vae']['recon']['match']:.2f}, shift {shift:.3f} scale {scale:.3f})")
+
+    # ------------------------------------------------------------------ generator
+    t0 = time.time()
+    with torch.no_grad():  # the frozen random CLIP encoders, once per prompt (+ the empty prompt)
+        pe, _, pooled, _ = pipe.encode_prompt(train_prompts + [""], None, None, do_classifier_free_guidance=False,
+                                              max_sequence_length=8)  # (P+1, 85, 64), (P+1, 64)
+    pid = torch.tensor([train_prompts.index(p) for p in render_prompts])
+    net = pipe.transformer.train()
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    pbar = tqdm(range(args.gen_steps), desc="generator", leave=False)
+    for step in pbar:
+        idx = torch.randint(len(latents), (args.gen_batch,), generator=g)
+        x0, c = latents[idx], pid[idx]
+        c = torch.where(torch.rand(len(c), generator=g) < args.p_uncond, len(train_prompts), c)  # empty prompt
+        t = torch.sigmoid(torch.randn(len(c), generator=g))  # logit-normal(0, 1), SD3
+        eps = torch.randn(x0.shape, generator=g)
+        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+        v = net(hidden_states=xt, encoder_hidden_states=pe[c], pooled_projections=pooled[c], timestep=1000 * t).sample
+        loss = F.mse_loss(v, eps - x0)  # rectified flow: v = eps - x0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            d = min(args.ema, (1 + step) / (10 + step))
+            for pe_, p in zip(ema.parameters(), net.parameters()):
+                pe_.lerp_(p, 1 - d)
+        pbar.set_postfix(loss=f"{loss.item():.4f}")
+    pipe.transformer = ema.eval()
+    pipe.register_modules(transformer=pipe.transformer)
+    timings["generator"] = time.time() - t0
+    print(f"generator: {timings['generator']:.1f} s ({args.gen_steps} steps, last loss {loss.item():.4f})")
+
+    # ------------------------------------------------------------------ generator samples (the pipeline itself)
+    t0 = time.time()
+    test_prompts = heldout_prompts + [train_prompts[i] for i in
+                                      sorted(rng.choice(len(train_prompts), args.test_train_prompts, replace=False))]
+    gen_prompts = [p for p in train_prompts + test_prompts for _ in range(args.gen_per_prompt)]
+    samples = []
+    for k in tqdm(range(0, len(gen_prompts), 64), desc="sample", leave=False):
+        samples += pipe(gen_prompts[k:k + 64], height=32, width=32, num_inference_steps=args.sample_steps,
+                        guidance_scale=args.cfg, max_sequence_length=8, output_type="pil",
+                        generator=torch.Generator().manual_seed(args.seed + k)).images
+    n_tr = len(train_prompts) * args.gen_per_prompt
+    summary["generator"] = dict(train_prompts=match_stats(samples[:n_tr], gen_prompts[:n_tr]),
+                                heldout_prompts=match_stats(*zip(*[(s, p) for s, p in zip(samples, gen_prompts)
+                                                                   if is_heldout(p)])))
+    pipe.save_pretrained(os.path.join(tmp, "pipeline"))
+    show = list(range(0, n_tr, args.gen_per_prompt))[:24] + list(range(n_tr, len(samples), args.gen_per_prompt))[:12]
+    sample_grid([samples[i] for i in show], [gen_prompts[i] for i in show]).save(os.path.join(tmp, "samples.png"))
+    timings["sample"] = time.time() - t0
+    gs = summary["generator"]
+    print(f"sample: {timings['sample']:.1f} s (match rate train prompts {gs['train_prompts']['match']:.2f}, "
+          f"held-out {gs['heldout_prompts']['match']:.2f}; oracle {gs['train_prompts']['oracle']:.3f} / "
+          f"{gs['heldout_prompts']['oracle']:.3f})")
+
+    # ------------------------------------------------------------------ preference pairs (HPDv3 format)
+    t0 = time.time()
+    gen_by_prompt = {}
+    for s, p in zip(samples, gen_prompts):
+        gen_by_prompt.setdefault(p, []).append((s, "generator"))
+    splits = {}
+    for split, split_prompts in (("train", train_prompts), ("test", test_prompts)):
+        items, groups, images = [], [], []
+        for p in tqdm(split_prompts, desc=f"{split} pool", leave=False):
+            pool = make_pool(p, rng) + gen_by_prompt[p]
+            groups.append(list(range(len(items), len(items) + len(pool))))
+            items += [(f"images/{split}/{len(images) + k:05d}.png", src, p) for k, (_, src) in enumerate(pool)]
+            images += [im for im, _ in pool]
+        save_images(f"images/{split}", images, tmp)
+        splits[split] = (items, groups, toy_golden_score(images, [it[2] for it in items]))
+    items, groups, scores = splits["train"]
+    pairs = within_prompt_pairs(groups, args.n_train_pairs, rng)  # noisy labels: few raters, near-ties kept
+    votes = toy_annotate(scores[pairs[:, 0]], scores[pairs[:, 1]], args.train_raters, rng, args.rater_noise)
+    train = hpdv3_records(items, pairs, votes, args.train_raters)
+    train_agree = np.mean((scores[pairs[:, 0]] > scores[pairs[:, 1]]) == (2 * votes > args.train_raters))
+    write_json(os.path.join(tmp, "train.json"), train)
+    items, groups, scores = splits["test"]
+    pairs = within_prompt_pairs(groups, args.n_test_pairs, rng, scores, args.tie_margin)  # annotator ties dropped
+    votes = toy_annotate(scores[pairs[:, 0]], scores[pairs[:, 1]], args.test_raters, rng, args.rater_noise)
+    test = hpdv3_records(items, pairs, votes, args.test_raters)
+    write_json(os.path.join(tmp, "test.json"), test)
+    oracle = {it[0]: float(s) for it, s in zip(items, scores)}
+    write_json(os.path.join(tmp, "test_oracle.json"), oracle)
+    test_agree = np.mean([oracle[r["path1"]] > oracle[r["path2"]] for r in test])
+    summary["pairs"] = dict(train=len(train), test=len(test), train_images=len(splits["train"][0]),
+                            test_images=len(items), train_labels_agree_with_oracle=float(train_agree),
+                            test_labels_agree_with_oracle=float(test_agree))
+    timings["pairs"] = time.time() - t0
+    print(f"pairs: {timings['pairs']:.1f} s ({len(train)} train pairs, {len(test)} test pairs)")
+
+    summary["timings"] = timings
+    # ------------------------------------------------------------------ benchmarks (held-out images, real formats)
+    t0 = time.time()
+    hpdv2, imagereward = [], []
+    for g_ in groups:  # two random groups of up to 6 images per test prompt
+        a, b = (sorted(rng.choice(g_, min(6, len(g_)), replace=False).tolist()) for _ in range(2))
+        ij = np.array(list(itertools.combinations(range(len(a)), 2)))  # HPDv2: rank by majority wins of many raters
+        v = toy_annotate(scores[np.array(a)[ij[:, 0]]], scores[np.array(a)[ij[:, 1]]], args.test_raters, rng,
+                         args.rater_noise)
+        wins = np.bincount(np.where(2 * v > args.test_raters, ij[:, 0], ij[:, 1]), minlength=len(a))
+        order = np.lexsort((-scores[a], -wins))  # most wins first, oracle breaks ties
+        hpdv2.append(dict(prompt=items[a[0]][2], image_path=[items[i][0] for i in a],
+                          rank=(np.argsort(order) + 1).tolist()))
+        imagereward.append(dict(prompt=items[b[0]][2], generations=[items[i][0] for i in b],
+                                ranking=ties_ranking(scores[b], args.tie_margin)))  # 1 = best, near-ties share
+    pairs = within_prompt_pairs(groups, args.n_bench, rng)
+    votes = toy_annotate(scores[pairs[:, 0]], scores[pairs[:, 1]], args.test_raters, rng, args.rater_noise)
+    tie = np.abs(scores[pairs[:, 0]] - scores[pairs[:, 1]]) < args.tie_margin
+    bad = np.maximum(scores[pairs[:, 0]], scores[pairs[:, 1]]) < args.bothbad
+    vote_type = np.where(tie, "tievote", np.where(bad, "bothbad_vote", np.where(
+        2 * votes > args.test_raters, "leftvote", "rightvote")))
+    genai = [dict(prompt=items[i][2], left_image=items[i][0], right_image=items[j][0], vote_type=str(t))
+             for (i, j), t in zip(pairs.tolist(), vote_type)]
+    pairs = within_prompt_pairs(groups, args.n_bench, rng)
+    votes = toy_annotate(scores[pairs[:, 0]], scores[pairs[:, 1]], args.test_raters, rng, args.rater_noise)
+    tie = np.abs(scores[pairs[:, 0]] - scores[pairs[:, 1]]) < args.tie_margin
+    label0 = np.where(tie, 0.5, (2 * votes > args.test_raters).astype(float))
+    pickapic = [dict(caption=items[i][2], jpg_0=items[i][0], jpg_1=items[j][0], label_0=float(l), label_1=1 - float(l))
+                for (i, j), l in zip(pairs.tolist(), label0)]
+    write_json(os.path.join(tmp, "bench/hpdv2_test.json"), hpdv2)
+    write_json(os.path.join(tmp, "bench/imagereward_test.json"), imagereward)
+    write_json(os.path.join(tmp, "bench/genai_bench.jsonl"), genai, lines=True)
+    write_json(os.path.join(tmp, "bench/pickapic_test.jsonl"), pickapic, lines=True)
+    summary["bench"] = dict(hpdv2_groups=len(hpdv2), imagereward_groups=len(imagereward),
+                            imagereward_tied_groups=sum(len(set(r["ranking"])) < len(r["ranking"]) for r in imagereward),
+                            genai_votes={k: int((vote_type == k).sum()) for k in sorted(set(vote_type.tolist()))},
+                            pickapic=len(pickapic), pickapic_ties=int(tie.sum()))
+    timings["bench"] = time.time() - t0
+    print(f"bench: {timings['bench']:.1f} s ({summary['bench']})")
+
+    timings["total"] = time.time() - t_all
+    write_json(os.path.join(tmp, "summary.json"), summary)  # last: its presence marks a built world
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"total: {timings['total']:.1f} s -> {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())
