@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 import data
-from model import add_noise, load_pipeline, load_reward_model, make_encoders
+from model import load_pipeline, load_reward_model, make_encoders, prompt_noise
 
 
 def floats(s):
@@ -110,23 +110,6 @@ def parse_benches(specs, image_root, backbone, toy_dir=TOY_DIR):
             raise ValueError(f"--bench {spec!r}: expected NAME[/SPLIT]=PATH with a non-empty NAME")
         out.append((name, split or os.path.splitext(os.path.basename(path))[0], path, image_root))
     return out
-
-
-def item_noise(seed, prompt_key, rep, shape):
-    """The noise of every image of one prompt, seeded by (seed, prompt, repeat): the two images of a pair
-    share it, and it does not depend on batching or order. prompt_key: data's sha1 key of the prompt."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + rep * 7_919 + int(prompt_key[:12], 16)) % 2 ** 63)
-    return torch.randn(shape, generator=g)
-
-
-def score_noised(model, lat, eps, prompt_embeds, pooled, ts):
-    """RewardModel.score with the noise given (one eps per image, the same for every level in ts):
-    dina concatenates the FiLM-ed tokens of all levels, the other heads average the scores. -> (B,)"""
-    full = lambda s: torch.full((len(lat),), float(s), device=lat.device)
-    if model.kind != "dina":
-        return torch.stack([model(add_noise(lat, full(s), eps), full(s), prompt_embeds, pooled) for s in ts]).mean(0)
-    toks = [model.head.tokens(*model.tap(add_noise(lat, full(s), eps), full(s), prompt_embeds, pooled)) for s in ts]
-    return model.head.readout(torch.cat([v for v, _ in toks], 1), torch.cat([s for _, s in toks], 1)).float()
 
 
 def unique_items(cache):
@@ -251,7 +234,7 @@ class Scorer:
         cuda = self.device.startswith("cuda")
         x = [v.to(self.device, torch.float32) for v in (lat, eps, prompt_embeds, pooled)]
         with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
-            return score_noised(self.model, *x, ts or self.ts).float().cpu()
+            return self.model.score(x[0], x[2], x[3], ts=ts or self.ts, noise=x[1]).float().cpu()
 
     def score_cache(self, cache, ts=None, rep=0, batch=32):
         """Every unique (image, prompt) of a data.PairCache scored once -> {(image key, prompt key): score}."""
@@ -262,7 +245,7 @@ class Scorer:
                 lat = torch.stack([cache._get(cache.lat[k], k) for k, _ in chunk])  # (B,C,h,w)
                 pe = torch.stack([cache._get(cache.txt[q], q + ".embeds") for _, q in chunk])  # (B,L,D)
                 pooled = torch.stack([cache._get(cache.txt[q], q + ".pooled") for _, q in chunk])  # (B,P)
-                eps = torch.stack([item_noise(self.seed, q, rep, shape) for _, q in chunk])
+                eps = torch.stack([prompt_noise(self.seed, q, rep, shape) for _, q in chunk])
                 out.update(zip(chunk, self.score_latents(lat, eps, pe, pooled, ts).tolist()))
         return out
 
@@ -275,7 +258,7 @@ class Scorer:
         for im in images:
             im = data.load_image(str(im)) if isinstance(im, (str, os.PathLike)) else im.convert("RGB")
             z = enc_img(data.to_bucket(im, data.nearest_bucket(*im.size, self.buckets))[None])  # (1,C,h,w)
-            out.append(self.score_latents(z, item_noise(self.seed, data._key(prompt), 0, z.shape[1:])[None], pe, pooled).item())
+            out.append(self.score_latents(z, prompt_noise(self.seed, data._key(prompt), 0, z.shape[1:])[None], pe, pooled).item())
         return out
 
 

@@ -345,12 +345,14 @@ class RewardModel(nn.Module):
             self.head.hw = tuple(latents.shape[-2:])
         return self.head(*self.tap(latents, t, prompt_embeds, pooled)).float()
 
-    def score(self, latents, prompt_embeds, pooled, t=0.4, ts=None, generator=None):
+    def score(self, latents, prompt_embeds, pooled, t=0.4, ts=None, generator=None, noise=None):
         """Score clean latents: noise them to level t (or to each of ts, with the same noise for
         every level) and read the reward. Ensembling: DiNa concatenates the FiLM-ed tokens of all
-        levels and runs its Q-Former once (paper Sec. 3.4); the other heads average the scores."""
+        levels and runs its Q-Former once (paper Sec. 3.4); the other heads average the scores.
+        noise: the (B,C,H,W) noise to use instead of drawing it from `generator`."""
         ts = [t] if ts is None else list(ts)
-        eps = torch.randn(latents.shape, generator=generator, device=generator.device if generator else "cpu")
+        eps = noise if noise is not None else torch.randn(
+            latents.shape, generator=generator, device=generator.device if generator else "cpu")
         eps = eps.to(latents.device, latents.dtype)
         full = lambda s: torch.full((latents.shape[0],), float(s), device=latents.device)
         if self.kind != "dina":
@@ -405,6 +407,14 @@ def sd3_sigmas(num_steps, shift=3.0, num_train_timesteps=1000):
     sh = lambda t: shift * t / (1 + (shift - 1) * t)
     t = torch.linspace(1.0, sh(1.0 / num_train_timesteps), num_steps, dtype=torch.float64)
     return torch.cat([sh(t), torch.zeros(1, dtype=torch.float64)]).float()
+
+
+def prompt_noise(seed, prompt_key, rep, shape):
+    """Evaluation noise shared by every image of one prompt, seeded by (seed, prompt, repeat): the two
+    images of a pair get the same noise, independent of batching, order and world size.
+    prompt_key: data.py's sha1 key of the prompt (hex)."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + rep * 7_919 + int(prompt_key[:12], 16)) % 2 ** 63)
+    return torch.randn(shape, generator=g)
 
 
 def sample_t(n, mode="uniform", generator=None, mu=0.0, s=1.0, t_fixed=0.4):

@@ -35,8 +35,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import (BACKBONES, add_noise, bt_loss, build_reward_model, check_names, load_checkpoint, load_pipeline,
-                   load_transformer, make_encoders, sample_t, save_checkpoint, thurstone_loss, trainable_state)
+from model import (add_noise, bt_loss, build_reward_model, check_names, load_checkpoint, load_pipeline, load_transformer,
+                   make_encoders, prompt_noise, sample_t, save_checkpoint, thurstone_loss, trainable_state)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 # backbone and head
@@ -142,46 +142,47 @@ def ensure_cache(args, path, rank, world, master):
                           f"{os.path.splitext(os.path.basename(path))[0]}.cache-{args.backbone}")
     if not os.path.isfile(os.path.join(folder, "index.json")):
         root = args.image_root or os.path.dirname(os.path.abspath(path))
-        pairs = data.read_pairs(path, root)
+        pairs = data.read_pairs(path, root)  # image paths come back joined to root
         buckets = [(args.resolution, args.resolution)] if args.resolution else data.BUCKETS
         print0(f"caching {len(pairs)} pairs of {path} into {folder} ({world} rank(s) encode)")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         pipe = load_pipeline(args.backbone, args.backbone_path, args.seed,
-                             dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+                             dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
         enc_img, enc_txt = make_encoders(pipe, device, args.max_text_len)
-        data.build_cache(pairs, root, folder, enc_img, enc_txt, buckets, rank, world, skip_bad=args.skip_bad)
+        data.build_cache(pairs, None, folder, enc_img, enc_txt, buckets, rank, world, skip_bad=args.skip_bad)
         del pipe, enc_img, enc_txt  # the VAE and text encoders are not resident while training
         barrier()
         if master and world > 1:  # with one rank build_cache already wrote the index
-            data.finalize_cache(folder, pairs, world, root)
+            data.finalize_cache(folder, pairs, world)
         barrier()
     return folder
 
 
 @torch.no_grad()
 def evaluate(model, cache, args, rank, world, autocast):
-    """Held-out pairwise accuracy at t = t_eval, same seeded noise for both images of a pair.
-    Correct iff r(chosen) > r(rejected) strictly; pairs scored in bucket batches, sharded by rank."""
+    """Held-out pairwise accuracy at t = t_eval with the EMA weights, by data.pairwise_accuracy (strict >).
+    The noise is model.prompt_noise: shared by the two images of a pair and the same noise
+    eval_reward.py uses, so its accuracy at the same t and seed is this one. Sharded over ranks."""
     model.eval()
-    pos, neg = {}, {}
+    dev, scores = device_of(model), {}
     for ids in cache.buckets().values():
         for i0 in range(rank * 64, len(ids), world * 64):
-            b = cache_to(cache.batch(ids[i0:i0 + 64]), device_of(model))
-            g = torch.Generator().manual_seed(args.seed + 1)  # the same noise for every chunk of 64 pairs
-            eps = torch.randn(b["lat_pos"].shape, generator=g).to(b["lat_pos"].device)
-            t = torch.full((len(eps),), args.t_eval, device=eps.device)
+            chunk = ids[i0:i0 + 64]
+            b = cache_to(cache.batch(chunk), dev)
+            eps = torch.stack([prompt_noise(args.seed, cache.pairs[i]["prompt"], 0, b["lat_pos"].shape[1:]) for i in chunk])
             with autocast:
-                rp = model(add_noise(b["lat_pos"], t, eps), t, b["prompt_embeds"], b["pooled"])
-                rn = model(add_noise(b["lat_neg"], t, eps), t, b["prompt_embeds"], b["pooled"])
-            pos.update(zip(ids[i0:i0 + 64], rp.float().cpu().tolist()))
-            neg.update(zip(ids[i0:i0 + 64], rn.float().cpu().tolist()))
+                rp = model.score(b["lat_pos"], b["prompt_embeds"], b["pooled"], t=args.t_eval, noise=eps)
+                rn = model.score(b["lat_neg"], b["prompt_embeds"], b["pooled"], t=args.t_eval, noise=eps)
+            scores.update(zip(chunk, zip(rp.float().cpu().tolist(), rn.float().cpu().tolist())))
     if world > 1:
         parts = [None] * world
-        dist.all_gather_object(parts, (pos, neg))
-        pos, neg = {k: v for p, _ in parts for k, v in p.items()}, {k: v for _, n in parts for k, v in n.items()}
+        dist.all_gather_object(parts, scores)
+        scores = {k: v for part in parts for k, v in part.items()}
     model.train()
-    ids = sorted(pos)
-    return sum(pos[i] > neg[i] for i in ids) / max(1, len(ids)), len(ids)
+    ids = sorted(scores)
+    res = data.pairwise_accuracy([scores[i][0] for i in ids], [scores[i][1] for i in ids],
+                                 [cache.pairs[i]["group"] for i in ids])
+    return res["acc"], res["pairs"]
 
 
 def device_of(model):

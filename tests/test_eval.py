@@ -15,7 +15,7 @@ from PIL import Image
 import data
 import eval_reward
 from data import corrupt_toy, render_toy, toy_prompt
-from model import build_reward_model, save_checkpoint, trainable_state
+from model import build_reward_model, prompt_noise, save_checkpoint, trainable_state
 
 ROOT = Path(__file__).resolve().parents[1]
 P1, P2 = toy_prompt("red", "circle", "white"), toy_prompt("blue", "square", "black")
@@ -113,22 +113,22 @@ def test_accuracy_counts_and_independent_recomputation(world, tmp_path, capsys):
 
 
 def test_noise_matches_model_score_and_is_batch_invariant(world, tmp_path):
-    """score_noised with item_noise == RewardModel.score with the same generator (batch 1); and scores do not
+    """prompt_noise passed as noise= == RewardModel.score with the same generator (batch 1); and scores do not
     depend on --batch; the same seed reproduces the scores exactly, another seed changes them."""
     sc = eval_reward.Scorer(str(world / "ckpt"), ensemble=(0.2, 0.5, 0.7))
     g = torch.Generator().manual_seed(123)
     lat, pe, pooled = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 81, 32, generator=g), torch.randn(1, 32, generator=g)
     key = data._key(P1)
     for ts in ((0.4,), (0.2, 0.5, 0.7)):
-        mine = sc.score_latents(lat, eval_reward.item_noise(0, key, 0, lat.shape[1:])[None], pe, pooled, ts)
+        mine = sc.score_latents(lat, prompt_noise(0, key, 0, lat.shape[1:])[None], pe, pooled, ts)
         gen = torch.Generator().manual_seed((0 * 1_000_003 + int(key[:12], 16)) % 2 ** 63)
         with torch.no_grad():
             ref = sc.model.score(lat, pe, pooled, ts=ts, generator=gen)
         torch.testing.assert_close(mine, ref)
     drm = build_reward_model("tiny", "drm").eval()  # the mean-of-scores branch of the other heads
-    eps = eval_reward.item_noise(0, key, 0, lat.shape[1:])[None]
+    eps = prompt_noise(0, key, 0, lat.shape[1:])[None]
     with torch.no_grad():
-        torch.testing.assert_close(eval_reward.score_noised(drm, lat, eps, pe, pooled, (0.2, 0.7)), drm.score(
+        torch.testing.assert_close(drm.score(lat, pe, pooled, ts=(0.2, 0.7), noise=eps), drm.score(
             lat, pe, pooled, ts=(0.2, 0.7), generator=torch.Generator().manual_seed(int(key[:12], 16))))
     run(world, tmp_path / "a", "--batch", "1")
     run(world, tmp_path / "b", "--batch", "16")

@@ -13,7 +13,7 @@ import torch
 
 import train_reward
 from data import corrupt_toy, render_toy, toy_prompt
-from model import load_checkpoint, load_reward_model
+from model import load_checkpoint, load_reward_model, prompt_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,8 +74,7 @@ def test_hpdv3_train_and_reload(hpdv3, tmp_path, capsys):
         from data import PairCache
         cache = PairCache(str(hpdv3 / "test.cache-tiny"))
         b = cache.batch(list(range(len(cache))))
-        g = torch.Generator().manual_seed(0 + 1)
-        eps = torch.randn(b["lat_pos"].shape, generator=g)
+        eps = torch.stack([prompt_noise(0, p["prompt"], 0, b["lat_pos"].shape[1:]) for p in cache.pairs])
         t = torch.full((len(eps),), 0.4)
         with torch.no_grad():
             rp = model((1 - 0.4) * b["lat_pos"] + 0.4 * eps, t, b["prompt_embeds"], b["pooled"])
