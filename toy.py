@@ -23,7 +23,7 @@ image_root):
   bench/hpdv2_test.json, bench/imagereward_test.json, bench/genai_bench.jsonl, bench/pickapic_test.jsonl
   summary.json               counts, timings, VAE error, generator match rates; written last
 
-The world is built in `<out>.partial` and renamed to `<out>` at the end, so a half-built world
+The world is built in `<out>.partial-<pid>` and renamed to `<out>` at the end, so a half-built world
 is never mistaken for a built one. Deviations from SD3's recipe, for speed: the VAE decodes the
 posterior mean in training (a tiny KL, 1e-6, still regularises it), so 500 steps suffice; the latent
 normalisation is one scalar shift/scale for all channels, as SD3 does. Generator samples in samples.png
@@ -61,7 +61,7 @@ parser.add_argument("--vae-batch", type=int, default=32)
 parser.add_argument("--vae-lr", type=float, default=2e-3)
 parser.add_argument("--kl-weight", type=float, default=1e-6)
 # generator: rectified flow, logit-normal t (SD3), 10% empty-prompt dropout for CFG, EMA
-parser.add_argument("--gen-steps", type=int, default=600)
+parser.add_argument("--gen-steps", type=int, default=400)
 parser.add_argument("--gen-batch", type=int, default=32)
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--warmup", type=int, default=50)
@@ -218,7 +218,8 @@ def main(args):
     if args.small:
         for k, v in SMALL.items():
             setattr(args, k, min(getattr(args, k), v))
-    out, tmp = args.out.rstrip("/"), args.out.rstrip("/") + ".partial"
+    out = args.out.rstrip("/")
+    tmp = f"{out}.partial-{os.getpid()}"  # per process: two concurrent builds never share a half-built folder
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     torch.manual_seed(args.seed)
