@@ -60,6 +60,7 @@ parser.add_argument("--vae-steps", type=int, default=500)
 parser.add_argument("--vae-batch", type=int, default=32)
 parser.add_argument("--vae-lr", type=float, default=2e-3)
 parser.add_argument("--kl-weight", type=float, default=1e-6)
+parser.add_argument("--vae-corrupt", type=float, default=0.5, help="share of corrupted renders added to the VAE's data")
 # generator: rectified flow, logit-normal t (SD3), 10% empty-prompt dropout for CFG, EMA
 parser.add_argument("--gen-steps", type=int, default=400)
 parser.add_argument("--gen-batch", type=int, default=32)
@@ -72,16 +73,17 @@ parser.add_argument("--sample-steps", type=int, default=12)
 parser.add_argument("--cfg", type=float, default=4.0)
 parser.add_argument("--gen-per-prompt", type=int, default=3, help="generator samples in each prompt's pool")
 # preference pairs (HPDv3) and benchmarks
-parser.add_argument("--n-train-pairs", type=int, default=5000)
+parser.add_argument("--train-pools", type=int, default=4, help="candidate pools per training prompt (image diversity)")
+parser.add_argument("--n-train-pairs", type=int, default=8000)
 parser.add_argument("--n-test-pairs", type=int, default=800)
 parser.add_argument("--test-train-prompts", type=int, default=9, help="training prompts added to the test prompts")
 parser.add_argument("--train-raters", type=int, default=5)
 parser.add_argument("--test-raters", type=int, default=21)
 parser.add_argument("--rater-noise", type=float, default=0.1)
-parser.add_argument("--tie-margin", type=float, default=0.02, help="oracle gap below which annotators tie")
+parser.add_argument("--tie-margin", type=float, default=0.05, help="oracle gap below which annotators tie")
 parser.add_argument("--bothbad", type=float, default=0.5, help="GenAI-Bench: both oracle scores below -> bothbad_vote")
 parser.add_argument("--n-bench", type=int, default=300, help="pairs in each pairwise benchmark")
-SMALL = dict(renders_per_prompt=4, vae_steps=3, vae_batch=8, gen_steps=3, gen_batch=8, warmup=1, sample_steps=2,
+SMALL = dict(renders_per_prompt=4, train_pools=1, vae_steps=3, vae_batch=8, gen_steps=3, gen_batch=8, warmup=1, sample_steps=2,
              gen_per_prompt=1, n_train_pairs=200, n_test_pairs=60, test_train_prompts=2, n_bench=20)
 
 # -----------------------------------------------------------------------------
@@ -236,6 +238,11 @@ def main(args):
     renders = [render_toy(*parse_toy_prompt(p), rng) for p in tqdm(render_prompts, desc="render", leave=False)]
     save_images("images/render", renders, tmp)
     x_all = to_tensor(renders)  # (N,3,32,32) in [-1,1]
+    # the VAE sees corrupted images too (as SD's VAE sees all kinds of photos), so their latents keep the
+    # blur / noise / contrast / clipping the reward must read; the generator learns the clean renders only
+    bad = [corrupt_toy(im, str(rng.choice(TOY_CORRUPTIONS)), float(rng.uniform(0.1, 1.0)), rng)
+           for im in renders[:int(args.vae_corrupt * len(renders))]]
+    x_vae = torch.cat([x_all, to_tensor(bad)]) if bad else x_all
     timings["render"] = time.time() - t0
     print(f"render: {timings['render']:.1f} s ({len(renders)} images, {len(train_prompts)} training prompts)")
 
@@ -247,7 +254,7 @@ def main(args):
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     pbar = tqdm(range(args.vae_steps), desc="vae", leave=False)
     for step in pbar:
-        x = x_all[torch.randint(len(x_all), (args.vae_batch,), generator=g)]
+        x = x_vae[torch.randint(len(x_vae), (args.vae_batch,), generator=g)]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.mode()).sample  # the posterior mean: a short run learns much faster than with samples
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + args.kl_weight * post.kl().mean()
@@ -337,7 +344,8 @@ def main(args):
     for split, split_prompts in (("train", train_prompts), ("test", test_prompts)):
         items, groups, images = [], [], []
         for p in tqdm(split_prompts, desc=f"{split} pool", leave=False):
-            pool = make_pool(p, rng) + gen_by_prompt[p]
+            pool = [c for _ in range(args.train_pools if split == "train" else 1) for c in make_pool(p, rng)]
+            pool += gen_by_prompt[p]
             groups.append(list(range(len(items), len(items) + len(pool))))
             items += [(f"images/{split}/{len(images) + k:05d}.png", src, p) for k, (_, src) in enumerate(pool)]
             images += [im for im, _ in pool]
