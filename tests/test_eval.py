@@ -27,14 +27,6 @@ def write_jsonl(path, recs):
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # tiny tensors: a second intra-op thread only adds overhead on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny dina checkpoint (random head, step 0) and five benchmark files over 10 images."""

@@ -102,7 +102,8 @@ def test_world_size_invariance(hpdv3, tmp_path):
         args = common(hpdv3, out, "--steps", "4", "--micro-batch", "2", "--lr", "3e-3", "--warmup", "1")
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master-port", str(29500 + n),
                str(ROOT / "train_reward.py"), *args]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 processes on 2 cores
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"world {n}, global batch 8 = micro 2 x accum {4 // n} x world {n}" in r.stdout
         outs[n] = out
