@@ -134,12 +134,17 @@ def load_pipeline(backbone, path=None, seed=0, with_transformer=True, dtype=torc
     return StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, **kw)
 
 
-def load_transformer(backbone, path=None, seed=0, dtype=torch.float32):
-    """The SD3Transformer2DModel only (no VAE, no text encoders: training reads the cache)."""
+def load_transformer(backbone, path=None, seed=0, dtype=torch.float32, random_init=False):
+    """The SD3Transformer2DModel only (no VAE, no text encoders: training reads the cache).
+    random_init: the same architecture with fresh weights seeded by `seed` (the papers' ablation)."""
     if backbone == "tiny" and path is None:
         return make_tiny_pipeline(seed).transformer  # float32, as the tests want
     from diffusers import SD3Transformer2DModel
-    return SD3Transformer2DModel.from_pretrained(resolve_path(backbone, path), subfolder="transformer", torch_dtype=dtype)
+    path = resolve_path(backbone, path)
+    if random_init:
+        torch.manual_seed(seed)
+        return SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(path, subfolder="transformer")).to(dtype)
+    return SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
 
 
 @torch.no_grad()
@@ -362,7 +367,7 @@ class RewardModel(nn.Module):
 
 
 def build_reward_model(backbone, head, path=None, n_blocks=None, taps=None, lora_rank=0, full_finetune=False,
-                       seed=0, combine="softmax", transformer=None):
+                       seed=0, combine="softmax", transformer=None, random_init=False):
     """Load the backbone through diffusers, keep the needed blocks, attach a head, set what trains:
     LoRA on the attention projections (lora_rank > 0), everything (full_finetune), or only the head."""
     check_names(backbone, head)
@@ -371,7 +376,7 @@ def build_reward_model(backbone, head, path=None, n_blocks=None, taps=None, lora
     taps = tuple(taps or preset["taps"][head])
     if head == "drm":
         taps = (n_blocks,)  # DRM reads the last kept block
-    transformer = transformer or load_transformer(backbone, path, seed)
+    transformer = transformer or load_transformer(backbone, path, seed, random_init=random_init)
     if head == "dina" and max(taps) == len(transformer.transformer_blocks):
         raise ValueError(f"dina reads the text stream, which the model's last block ({max(taps)}) does not output")
     tap = DiTTap(transformer, n_blocks, taps)
@@ -491,7 +496,7 @@ def load_reward_model(path, ema=True, transformer=None, expect=None):
             raise ValueError(f"{path}: checkpoint has {k}={a.get(k)!r}, but {v!r} was asked for")
     model = build_reward_model(a["backbone"], a["head"], a.get("backbone_path"), a.get("blocks"), a.get("taps"),
                                a.get("lora_rank", 0), a.get("full_finetune", False), a.get("seed", 0),
-                               a.get("combine", "softmax"), transformer)
+                               a.get("combine", "softmax"), transformer, a.get("random_backbone", False))
     prefix = "ema." if ema and any(k.startswith("ema.") for k in tensors) else "model."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     missing = set(trainable_state(model)) - set(state)

@@ -35,8 +35,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import (add_noise, bt_loss, build_reward_model, check_names, load_checkpoint, load_pipeline, load_transformer,
-                   make_encoders, prompt_noise, sample_t, save_checkpoint, thurstone_loss, trainable_state)
+from model import (add_noise, bt_loss, build_reward_model, check_names, load_checkpoint, load_pipeline, make_encoders,
+                   prompt_noise, sample_t, save_checkpoint, thurstone_loss, trainable_state)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 # backbone and head
@@ -221,8 +221,8 @@ def main(args):
     if args.backbone == "toy" and args.data == TOY_RECIPE["data"] and not os.path.isfile("out/toy/summary.json"):
         if master:
             import toy
-            print0("building the toy world into out/toy/ (first use)")
-            toy.main(toy.parser.parse_args(["--out", "out/toy"]))
+            print0("building the toy world into out/toy/ (first use, about 5 minutes on 2 CPU cores)")
+            toy.build("out/toy", seed=args.seed)
         barrier()
     if args.data is None:
         raise ValueError("--data is required for this backbone (HPDv3 JSON, Pick-a-Pic, or canonical JSONL)")
@@ -233,12 +233,8 @@ def main(args):
         return barrier()
 
     # -------------------------------------------------------------------------- model, optimizer, EMA
-    transformer = load_transformer(args.backbone, args.backbone_path, args.seed)
-    if args.random_backbone:
-        transformer = type(transformer).from_config(transformer.config)  # same architecture, random init
-        torch.manual_seed(args.seed)
     model = build_reward_model(args.backbone, args.head, args.backbone_path, args.blocks, args.taps, args.lora_rank,
-                               args.full_finetune, args.seed, args.combine, transformer).to(device)
+                               args.full_finetune, args.seed, args.combine, random_init=args.random_backbone).to(device)
     model.tap.grad_ckpt = args.grad_ckpt
     C = model.tap.config.in_channels  # the cache must hold latents this backbone reads
     train_cache = data.PairCache(train_dir, latent_channels=C)
@@ -251,6 +247,8 @@ def main(args):
     opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     ema = {n: p.detach().clone() for n, p in params.items()}
     step, ckpt_path = 0, os.path.join(args.out, "ckpt.safetensors")
+    if args.resume and not os.path.isfile(ckpt_path):
+        print0(f"--resume: no checkpoint at {ckpt_path} yet; starting from step 0")
     if args.resume and os.path.isfile(ckpt_path):
         tensors, meta = load_checkpoint(ckpt_path)
         step = meta["step"]

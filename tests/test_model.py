@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
 from model import (BACKBONES, LORA_TARGETS, DiTTap, add_noise, build_reward_model, bt_loss,  # noqa: E402
-                   check_names, load_checkpoint, load_reward_model, make_tiny_pipeline, sample_t,
+                   check_names, load_checkpoint, load_reward_model, load_transformer, make_tiny_pipeline, sample_t,
                    save_checkpoint, sd3_sigmas, thurstone_loss, trainable_state)
 
 PROMPTS = ["a red cat", "two blue dogs"]
@@ -487,3 +487,23 @@ def test_load_reward_model_round_trip(tmp_path, tiny, head, lora_rank):
     other = "drm" if head == "dina" else "dina"
     with pytest.raises(ValueError, match=f"head={head!r}"):
         load_reward_model(path, expect={"head": other})
+
+
+def test_random_backbone_is_seeded_and_reloads(tmp_path):
+    """--random-backbone (the papers' ablation): same architecture, fresh weights seeded by the run's seed,
+    so a resumed run and load_reward_model rebuild exactly the frozen random backbone it trained on."""
+    make_tiny_pipeline(0, size="toy").transformer.save_pretrained(str(tmp_path / "transformer"))
+    pre = load_transformer("toy", str(tmp_path))
+    r1, r2 = (load_transformer("toy", str(tmp_path), seed=3, random_init=True) for _ in range(2))
+    for (n, a), b, c in zip(r1.state_dict().items(), r2.state_dict().values(), pre.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=n)
+    assert any(not torch.equal(a, c) for a, c in zip(r1.state_dict().values(), pre.state_dict().values()))
+    m = build_reward_model("toy", "ditr", path=str(tmp_path), seed=3, random_init=True).eval()
+    args = dict(backbone="toy", head="ditr", backbone_path=str(tmp_path), seed=3, random_backbone=True, lora_rank=0)
+    save_checkpoint(str(tmp_path / "c.safetensors"), {"model." + n: p for n, p in trainable_state(m).items()},
+                    {"args": args, "step": 0})
+    m2, _ = load_reward_model(str(tmp_path / "c.safetensors"))
+    lat, t = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.6])
+    pe, pooled = torch.randn(2, 85, 64), torch.randn(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(lat, t, pe, pooled), m2(lat, t, pe, pooled))
