@@ -30,8 +30,7 @@ TOY_COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220
 TOY_SHAPES = ("circle", "square", "triangle")
 TOY_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
 # (color, shape) combos never shown in training; each colour and shape still is.
-TOY_HELDOUT = (("red", "triangle"), ("green", "circle"), ("blue", "square"),
-               ("orange", "triangle"), ("purple", "square"))
+TOY_HELDOUT = (("red", "triangle"), ("green", "circle"), ("blue", "square"), ("orange", "triangle"), ("purple", "square"))
 TOY_CORRUPTIONS = ("blur", "noise", "contrast", "clip")
 _COL, _BGC = np.array(list(TOY_COLORS.values()), float), np.array(list(TOY_BACKGROUNDS.values()), float)
 _SHAPE_FILL = np.array([[0.78], [1.0], [0.53]])  # object area / bbox area, measured on renders
@@ -63,7 +62,8 @@ def render_toy(color, shape, background, rng, size=32):
 
 
 _PIXEL_CORRUPTIONS = {  # (x (H,W,3) float 0..255, strength s, rng) -> x, clipped afterwards
-    "noise": lambda x, s, rng: x + rng.normal(0.0, 60.0 * s, x.shape),
+    "noise": lambda x, s, rng: x + np.kron(rng.normal(0.0, 60.0 * s, (-(-x.shape[0] // 4), -(-x.shape[1] // 4), 3)),
+                                           np.ones((4, 4, 1)))[:x.shape[0], :x.shape[1]],  # 4x4 cells: a 4x VAE keeps them
     "contrast": lambda x, s, rng: 128.0 + (x - 128.0) * (1.0 - 0.8 * s),  # toward mid-gray
     "clip": lambda x, s, rng: x * (1.0 + 1.5 * s) + 40.0 * s}  # over-exposure, then saturate
 

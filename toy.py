@@ -71,9 +71,10 @@ parser.add_argument("--ema", type=float, default=0.99)
 # sampling with the pipeline itself
 parser.add_argument("--sample-steps", type=int, default=12)
 parser.add_argument("--cfg", type=float, default=4.0)
-parser.add_argument("--gen-per-prompt", type=int, default=3, help="generator samples in each prompt's pool")
+parser.add_argument("--gen-per-prompt", type=int, default=3, help="generator samples in each test prompt's pool")
+parser.add_argument("--train-gen-per-prompt", type=int, default=6, help="generator samples in each training pool set")
 # preference pairs (HPDv3) and benchmarks
-parser.add_argument("--train-pools", type=int, default=4, help="candidate pools per training prompt (image diversity)")
+parser.add_argument("--train-pools", type=int, default=3, help="candidate pools per training prompt (image diversity)")
 parser.add_argument("--n-train-pairs", type=int, default=8000)
 parser.add_argument("--n-test-pairs", type=int, default=800)
 parser.add_argument("--test-train-prompts", type=int, default=9, help="training prompts added to the test prompts")
@@ -84,7 +85,7 @@ parser.add_argument("--tie-margin", type=float, default=0.05, help="oracle gap b
 parser.add_argument("--bothbad", type=float, default=0.5, help="GenAI-Bench: both oracle scores below -> bothbad_vote")
 parser.add_argument("--n-bench", type=int, default=300, help="pairs in each pairwise benchmark")
 SMALL = dict(renders_per_prompt=4, train_pools=1, vae_steps=3, vae_batch=8, gen_steps=3, gen_batch=8, warmup=1, sample_steps=2,
-             gen_per_prompt=1, n_train_pairs=200, n_test_pairs=60, test_train_prompts=2, n_bench=20)
+             gen_per_prompt=1, train_gen_per_prompt=1, n_train_pairs=200, n_test_pairs=60, test_train_prompts=2, n_bench=20)
 
 # -----------------------------------------------------------------------------
 # Pure helpers
@@ -316,18 +317,21 @@ def main(args):
     t0 = time.time()
     test_prompts = heldout_prompts + [train_prompts[i] for i in
                                       sorted(rng.choice(len(train_prompts), args.test_train_prompts, replace=False))]
-    gen_prompts = [p for p in train_prompts + test_prompts for _ in range(args.gen_per_prompt)]
+    # separate samples for the train and the test pools: a training prompt used in the test never shares images
+    gen_split = ([("train", p) for p in train_prompts for _ in range(args.train_gen_per_prompt)]
+                 + [("test", p) for p in test_prompts for _ in range(args.gen_per_prompt)])
+    gen_prompts = [p for _, p in gen_split]
     samples = []
     for k in tqdm(range(0, len(gen_prompts), 64), desc="sample", leave=False):
         samples += pipe(gen_prompts[k:k + 64], height=32, width=32, num_inference_steps=args.sample_steps,
                         guidance_scale=args.cfg, max_sequence_length=8, output_type="pil",
                         generator=torch.Generator().manual_seed(args.seed + k)).images
-    n_tr = len(train_prompts) * args.gen_per_prompt
+    n_tr = len(train_prompts) * args.train_gen_per_prompt
     summary["generator"] = dict(train_prompts=match_stats(samples[:n_tr], gen_prompts[:n_tr]),
                                 heldout_prompts=match_stats(*zip(*[(s, p) for s, p in zip(samples, gen_prompts)
                                                                    if is_heldout(p)])))
     pipe.save_pretrained(os.path.join(tmp, "pipeline"))
-    show = list(range(0, n_tr, args.gen_per_prompt))[:24] + list(range(n_tr, len(samples), args.gen_per_prompt))[:12]
+    show = list(range(0, n_tr, args.train_gen_per_prompt))[:24] + list(range(n_tr, len(samples), args.gen_per_prompt))[:12]
     sample_grid([samples[i] for i in show], [gen_prompts[i] for i in show]).save(os.path.join(tmp, "samples.png"))
     timings["sample"] = time.time() - t0
     gs = summary["generator"]
@@ -338,14 +342,14 @@ def main(args):
     # ------------------------------------------------------------------ preference pairs (HPDv3 format)
     t0 = time.time()
     gen_by_prompt = {}
-    for s, p in zip(samples, gen_prompts):
-        gen_by_prompt.setdefault(p, []).append((s, "generator"))
+    for s, key in zip(samples, gen_split):
+        gen_by_prompt.setdefault(key, []).append((s, "generator"))
     splits = {}
     for split, split_prompts in (("train", train_prompts), ("test", test_prompts)):
         items, groups, images = [], [], []
         for p in tqdm(split_prompts, desc=f"{split} pool", leave=False):
             pool = [c for _ in range(args.train_pools if split == "train" else 1) for c in make_pool(p, rng)]
-            pool += gen_by_prompt[p]
+            pool += gen_by_prompt[(split, p)]
             groups.append(list(range(len(items), len(items) + len(pool))))
             items += [(f"images/{split}/{len(images) + k:05d}.png", src, p) for k, (_, src) in enumerate(pool)]
             images += [im for im, _ in pool]
