@@ -295,7 +295,7 @@ def main(args):
     n_per_epoch = len(global_batches(train_cache, args.global_batch, args.seed, 0))
     if n_per_epoch == 0:
         raise ValueError(f"{args.data}: fewer pairs per bucket than one global batch ({args.global_batch})")
-    acc_eval, t0, metrics = None, time.time(), {}
+    acc_eval, t0, metrics = None, (time.time(), step), {}
     bar = tqdm(total=args.steps, initial=step, disable=not master, desc="train", mininterval=5)
     epoch_batches = (None, None)  # (epoch, its global batches): rebuilt once per epoch
     while step < args.steps:
@@ -338,11 +338,9 @@ def main(args):
         step += 1
         bar.update(1)
         # ---------------------------------------------------------------------- log, eval, checkpoint
-        if step % args.log_interval == 0 or step == args.steps:
-            dt = time.time() - t0
+        if step % args.log_interval == 0 or step % args.eval_interval == 0 or step == args.steps:
             metrics = dict(step=step, loss=loss_sum.item(), acc=correct.item() / args.global_batch, lr=lr,
-                           gnorm=gnorm.item(), pairs_per_s=args.global_batch * args.log_interval / dt)
-            t0 = time.time()
+                           gnorm=gnorm.item(), pairs_per_s=args.global_batch * (step - t0[1]) / (time.time() - t0[0]))
             if eval_cache and (step % args.eval_interval == 0 or step == args.steps):
                 swap_ema()
                 acc_eval, n_eval = evaluate(model, eval_cache, args, rank, world, autocast)
@@ -354,6 +352,7 @@ def main(args):
                     f.write(json.dumps(metrics) + "\n")
                 if wandb:
                     wandb.log(metrics, step=step)
+            t0 = (time.time(), step)  # training throughput excludes the evaluation
         if master and (step % args.ckpt_interval == 0 or step == args.steps):
             checkpoint(step, metrics)
     bar.close()
