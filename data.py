@@ -299,7 +299,7 @@ def to_bucket(img, bucket):
 # out_dir/ latents_RRR_NNNN.safetensors: key sha1(image path)[:20] -> (C,h,w) latents;
 # text_RRR_NNNN.safetensors: "<sha1(prompt)[:20]>.embeds" (L,D) and ".pooled" (P,);
 # shard_RRR.json: what rank RRR wrote (key -> file, shapes, bad images); index.json: pairs.
-def _key(s):
+def cache_key(s):  # the stable key of an image path or prompt in the cache (public: eval_reward uses it)
     return hashlib.sha1(s.encode("utf-8")).hexdigest()[:20]
 
 
@@ -346,7 +346,7 @@ def build_cache(pairs, image_root, out_dir, encode_images, encode_prompts, bucke
         z = encode_images(torch.stack([x for _, x in items]))
         _check(z, 4, len(items), f"{items[0][0]} ({src[items[0][0]]})")
         for (p, _), zi in zip(items, z.detach().cpu().to(dtype)):
-            buf["latents"][_key(p)], meta["shapes"][_key(p)] = zi.contiguous(), list(zi.shape)
+            buf["latents"][cache_key(p)], meta["shapes"][cache_key(p)] = zi.contiguous(), list(zi.shape)
         flush("latents")
 
     for p in images:  # one pass: load, bucket, encode a bucket whenever it holds a batch
@@ -371,7 +371,7 @@ def build_cache(pairs, image_root, out_dir, encode_images, encode_prompts, bucke
         _check(e, 3, len(batch), f"prompt_embeds of {batch[0]!r}")
         _check(pooled, 2, len(batch), f"pooled of {batch[0]!r}")
         for pr, ei, pi in zip(batch, e.detach().cpu().to(dtype), pooled.detach().cpu().to(dtype)):
-            buf["text"].update({_key(pr) + ".embeds": ei.contiguous(), _key(pr) + ".pooled": pi.contiguous()})
+            buf["text"].update({cache_key(pr) + ".embeds": ei.contiguous(), cache_key(pr) + ".pooled": pi.contiguous()})
         flush("text")
         bar.update(len(batch))
     flush("text", force=True)
@@ -392,7 +392,7 @@ def finalize_cache(out_dir, pairs, world_size, image_root=None):
     out, groups, n_bad, n_mixed = [], {}, 0, 0
     for p in pairs:
         c, r = (os.path.join(image_root or "", p[k]) for k in ("chosen", "rejected"))
-        (kc, kr), kp = (_key(c), _key(r)), _key(p["prompt"])
+        (kc, kr), kp = (cache_key(c), cache_key(r)), cache_key(p["prompt"])
         if c in m["bad"] or r in m["bad"]: n_bad += 1
         elif kc not in m["latents"] or kr not in m["latents"] or kp not in m["text"]:
             raise ValueError(f"{out_dir}: {p.get('src', p['prompt'])} is not cached; same pairs on every rank?")
@@ -422,16 +422,16 @@ class PairCache:
 
     def __len__(self): return len(self.pairs)
 
-    def _get(self, name, key):  # one tensor from a shard file, opened lazily
+    def tensor(self, name, key):  # one tensor from a shard file, opened lazily
         f = os.path.join(self.dir, name)
         return _shard(f, os.stat(f).st_mtime_ns).get_tensor(key)
 
     def pair(self, i):
         p = self.pairs[i]
-        return {"lat_pos": self._get(self.lat[p["chosen"]], p["chosen"]),  # (C,h,w)
-                "lat_neg": self._get(self.lat[p["rejected"]], p["rejected"]),
-                "prompt_embeds": self._get(self.txt[p["prompt"]], p["prompt"] + ".embeds"),  # (L,D)
-                "pooled": self._get(self.txt[p["prompt"]], p["prompt"] + ".pooled"),  # (P,)
+        return {"lat_pos": self.tensor(self.lat[p["chosen"]], p["chosen"]),  # (C,h,w)
+                "lat_neg": self.tensor(self.lat[p["rejected"]], p["rejected"]),
+                "prompt_embeds": self.tensor(self.txt[p["prompt"]], p["prompt"] + ".embeds"),  # (L,D)
+                "pooled": self.tensor(self.txt[p["prompt"]], p["prompt"] + ".pooled"),  # (P,)
                 "label": p["label"], "group": p["group"]}
 
     def batch(self, indices):

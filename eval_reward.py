@@ -242,9 +242,9 @@ class Scorer:
         for shape, items in unique_items(cache).items():
             for i in range(0, len(items), batch):
                 chunk = items[i:i + batch]
-                lat = torch.stack([cache._get(cache.lat[k], k) for k, _ in chunk])  # (B,C,h,w)
-                pe = torch.stack([cache._get(cache.txt[q], q + ".embeds") for _, q in chunk])  # (B,L,D)
-                pooled = torch.stack([cache._get(cache.txt[q], q + ".pooled") for _, q in chunk])  # (B,P)
+                lat = torch.stack([cache.tensor(cache.lat[k], k) for k, _ in chunk])  # (B,C,h,w)
+                pe = torch.stack([cache.tensor(cache.txt[q], q + ".embeds") for _, q in chunk])  # (B,L,D)
+                pooled = torch.stack([cache.tensor(cache.txt[q], q + ".pooled") for _, q in chunk])  # (B,P)
                 eps = torch.stack([prompt_noise(self.seed, q, rep, shape) for _, q in chunk])
                 out.update(zip(chunk, self.score_latents(lat, eps, pe, pooled, ts).tolist()))
         return out
@@ -258,7 +258,7 @@ class Scorer:
         for im in images:
             im = data.load_image(str(im)) if isinstance(im, (str, os.PathLike)) else im.convert("RGB")
             z = enc_img(data.to_bucket(im, data.nearest_bucket(*im.size, self.buckets))[None])  # (1,C,h,w)
-            out.append(self.score_latents(z, prompt_noise(self.seed, data._key(prompt), 0, z.shape[1:])[None], pe, pooled).item())
+            out.append(self.score_latents(z, prompt_noise(self.seed, data.cache_key(prompt), 0, z.shape[1:])[None], pe, pooled).item())
         return out
 
 
@@ -283,7 +283,7 @@ def open_cache(sc, name, path, root, cache_dir=None, skip_bad=False, batch=32):
             shutil.rmtree(folder, ignore_errors=True)  # no half-built cache is left to be mistaken for one
             raise
     cache = data.PairCache(folder, latent_channels=sc.model.tap.config.in_channels)
-    return cache, info, {data._key(p[k]): p[k] for p in pairs for k in ("chosen", "rejected")}
+    return cache, info, {data.cache_key(p[k]): p[k] for p in pairs for k in ("chosen", "rejected")}
 
 
 def main(args):

@@ -110,7 +110,7 @@ def test_noise_matches_model_score_and_is_batch_invariant(world, tmp_path):
     sc = eval_reward.Scorer(str(world / "ckpt"), ensemble=(0.2, 0.5, 0.7))
     g = torch.Generator().manual_seed(123)
     lat, pe, pooled = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 81, 32, generator=g), torch.randn(1, 32, generator=g)
-    key = data._key(P1)
+    key = data.cache_key(P1)
     for ts in ((0.4,), (0.2, 0.5, 0.7)):
         mine = sc.score_latents(lat, prompt_noise(0, key, 0, lat.shape[1:])[None], pe, pooled, ts)
         gen = torch.Generator().manual_seed((0 * 1_000_003 + int(key[:12], 16)) % 2 ** 63)
