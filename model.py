@@ -66,21 +66,30 @@ def check_names(backbone, head):
         raise ValueError(f"unknown head {head!r}; choose one of {list(HEADS)}")
 
 
-def write_char_tokenizer(folder):
-    """A CLIP tokenizer written locally: one token per character, no merges (tiny/toy only)."""
+def write_word_tokenizer(folder, words=(), max_length=16):
+    """A CLIP BPE tokenizer written locally (tiny/toy only): one token per character, plus BPE merges
+    that make each of `words` one token ("red</w>"), so a toy prompt is ~9 tokens, not ~37 characters.
+    Any other text still tokenizes (character by character). max_length = the CLIP sequence length."""
     chars = "abcdefghijklmnopqrstuvwxyz0123456789"
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for suffix in ("", "</w>"):
         for c in chars:
             vocab[c + suffix] = len(vocab)
+    merges = []
+    for w in sorted(set(words)):  # left to right: "r e", "re d</w>" -> "red</w>"
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            parts = [parts[0] + parts[1]] + parts[2:]
+            vocab.setdefault(parts[0], len(vocab))
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump(vocab, f)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
+        f.write("#version: 0.2\n" + "".join(m + "\n" for m in dict.fromkeys(merges)))
     from transformers import CLIPTokenizer
     return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                         unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77)
+                         unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=max_length)
 
 
 def make_tiny_pipeline(seed=0, size="tiny"):
@@ -90,14 +99,16 @@ def make_tiny_pipeline(seed=0, size="tiny"):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     tiny = size == "tiny"
-    tokenizer = write_char_tokenizer(tempfile.mkdtemp(prefix="char_tokenizer_"))
+    from data import TOY_BACKGROUNDS, TOY_COLORS, TOY_SHAPES
+    words = ["a", "on", "background", *TOY_COLORS, *TOY_SHAPES, *TOY_BACKGROUNDS]  # the toy prompts' words
+    tokenizer = write_word_tokenizer(tempfile.mkdtemp(prefix="toy_tokenizer_"), words)
     torch.manual_seed(seed)
     h = 16 if tiny else 32  # CLIP width; prompt_embeds = cat(clip_l, clip_g) padded to joint_attention_dim
 
     def clip():
         return CLIPTextModelWithProjection(CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=77, projection_dim=h, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+            num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, projection_dim=h, bos_token_id=0, eos_token_id=1, pad_token_id=1))
     width, heads = (32, 2) if tiny else (128, 4)
     transformer = SD3Transformer2DModel(
         sample_size=8, patch_size=2 if tiny else 1, in_channels=4, num_layers=4 if tiny else 6,
@@ -151,7 +162,8 @@ def load_transformer(backbone, path=None, seed=0, dtype=torch.float32, random_in
 def make_encoders(pipe, device="cpu", max_text_len=77):
     """Wrap a pipeline as the two callables the cache builder needs.
     encode_images: (B,3,H,W) in [-1,1] -> normalised latents (B,C,H/8,W/8), (z - shift) * scale.
-    encode_prompts: list[str] -> prompt_embeds (B, 77 + max_text_len, D), pooled (B, P)."""
+    encode_prompts: list[str] -> prompt_embeds (B, L + max_text_len, D), pooled (B, P); L = the tokenizer's
+    model_max_length (77 for CLIP; 16 for the tiny/toy word tokenizer)."""
     vae = pipe.vae.to(device)
     shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
 

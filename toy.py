@@ -282,7 +282,7 @@ def main(args):
     t0 = time.time()
     with torch.no_grad():  # the frozen random CLIP encoders, once per prompt (+ the empty prompt)
         pe, _, pooled, _ = pipe.encode_prompt(train_prompts + [""], None, None, do_classifier_free_guidance=False,
-                                              max_sequence_length=8)  # (P+1, 85, 64), (P+1, 64)
+                                              max_sequence_length=8)  # (P+1, 16 + 8, 64), (P+1, 64)
     pid = torch.tensor([train_prompts.index(p) for p in render_prompts])
     net = pipe.transformer.train()
     ema = copy.deepcopy(net).requires_grad_(False)

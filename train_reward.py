@@ -74,7 +74,7 @@ parser.add_argument("--data", default=None, help="training pairs: HPDv3 JSON, Pi
 parser.add_argument("--eval-data", default=None, help="held-out pairs, any format of DESIGN.md section 7")
 parser.add_argument("--image-root", default=None, help="root of the image paths (default: the data file's folder)")
 parser.add_argument("--cache-dir", default=None, help="where latent/text caches go (default: next to the data file)")
-parser.add_argument("--max-text-len", type=int, default=77, help="T5 tokens after the 77 CLIP tokens (ours)")
+parser.add_argument("--max-text-len", type=int, default=77, help="T5 tokens after the CLIP tokens (77; 16 on tiny/toy) (ours)")
 parser.add_argument("--resolution", type=int, default=None, help="one square bucket instead of the SD3.5 aspect buckets")
 parser.add_argument("--skip-bad", action="store_true", help="count and skip unreadable images instead of stopping")
 parser.add_argument("--cache-only", action="store_true", help="encode the caches and exit")
