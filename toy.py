@@ -74,8 +74,8 @@ parser.add_argument("--cfg", type=float, default=4.0)
 parser.add_argument("--gen-per-prompt", type=int, default=3, help="generator samples in each test prompt's pool")
 parser.add_argument("--train-gen-per-prompt", type=int, default=6, help="generator samples in each training pool set")
 # preference pairs (HPDv3) and benchmarks
-parser.add_argument("--train-pools", type=int, default=3, help="candidate pools per training prompt (image diversity)")
-parser.add_argument("--n-train-pairs", type=int, default=8000)
+parser.add_argument("--train-pools", type=int, default=8, help="candidate pools per training prompt (image diversity)")
+parser.add_argument("--n-train-pairs", type=int, default=32000)
 parser.add_argument("--n-test-pairs", type=int, default=800)
 parser.add_argument("--test-train-prompts", type=int, default=9, help="training prompts added to the test prompts")
 parser.add_argument("--train-raters", type=int, default=5)
@@ -253,6 +253,8 @@ def main(args):
     pipe.set_progress_bar_config(disable=True)
     vae = pipe.vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    cosine = lambda s, n: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + np.cos(np.pi * s / n))  # warmup, then to 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, args.vae_steps))
     pbar = tqdm(range(args.vae_steps), desc="vae", leave=False)
     for step in pbar:
         x = x_vae[torch.randint(len(x_vae), (args.vae_batch,), generator=g)]
@@ -262,15 +264,16 @@ def main(args):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         pbar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # latent statistics -> SD3-style normalisation (z - shift) * scale
-        z = torch.cat([vae.encode(xb).latent_dist.mean for xb in x_all.split(256)])  # (N,4,8,8)
+        z = torch.cat([vae.encode(xb).latent_dist.mean for xb in x_all.split(256)])  # (N,4,16,16)
         shift, scale = z.mean().item(), 1.0 / z.std().item()
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
         ev = torch.arange(0, len(x_all), max(1, len(x_all) // 512))  # every prompt, ~512 renders
         rec = torch.cat([vae.decode(zb).sample for zb in z[ev].split(256)]).clamp(-1, 1)
-    latents = (z - shift) * scale  # (N,4,8,8), ~unit variance
+    latents = (z - shift) * scale  # (N,4,16,16), ~unit variance
     rec_pil = [Image.fromarray(a) for a in ((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)]
     summary["vae"] = dict(l1=float((rec - x_all[ev]).abs().mean() / 2), shift_factor=shift, scaling_factor=scale,
                           recon=match_stats(rec_pil, [render_prompts[i] for i in ev]))
@@ -287,7 +290,7 @@ def main(args):
     net = pipe.transformer.train()
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, args.gen_steps))
     pbar = tqdm(range(args.gen_steps), desc="generator", leave=False)
     for step in pbar:
         idx = torch.randint(len(latents), (args.gen_batch,), generator=g)

@@ -102,10 +102,11 @@ def test_tap_matches_diffusers_forward_non_square(tiny):
 
 
 def test_tap_matches_diffusers_forward_toy_size():
-    pipe = make_tiny_pipeline(0, size="toy")  # 6 blocks, width 128, patch 1
-    assert pipe.transformer.config.patch_size == 1 and len(pipe.transformer.transformer_blocks) == 6
+    pipe = make_tiny_pipeline(0, size="toy")  # 6 blocks, width 128, patch 2 on 16x16 latents
+    assert pipe.transformer.config.patch_size == 2 and len(pipe.transformer.transformer_blocks) == 6
+    assert pipe.vae_scale_factor == 2  # the toy VAE: 32x32 images -> 16x16 latents
     pe, pooled = _encode(pipe)
-    _check_tap_against_diffusers(pipe.transformer, pe, pooled, 4, BACKBONES["toy"]["taps"]["dina"])
+    _check_tap_against_diffusers(pipe.transformer, pe, pooled, 4, BACKBONES["toy"]["taps"]["dina"], H=16, W=16)
 
 
 def test_tap_gradient_checkpointing_same_values(tiny):
