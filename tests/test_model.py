@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
 from model import (BACKBONES, LORA_TARGETS, DiTTap, add_noise, build_reward_model, bt_loss,  # noqa: E402
                    check_names, load_checkpoint, load_reward_model, load_transformer, make_tiny_pipeline, sample_t,
-                   save_checkpoint, sd3_sigmas, thurstone_loss, trainable_state)
+                   save_checkpoint, sd3_sigmas, shift_t, thurstone_loss, trainable_state)
 
 PROMPTS = ["a red cat", "two blue dogs"]
 
@@ -162,6 +162,36 @@ def test_sample_t_modes():
     assert f.shape == (5,) and (f == 0.25).all()
     with pytest.raises(ValueError, match="bogus"):
         sample_t(4, "bogus")
+
+
+def test_shift_t_is_the_schedulers_shift_and_moves_quantiles():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)  # at init: the shifted training sigmas of timesteps / 1000
+    t = torch.linspace(1, 1000, 1000).flip(0) / 1000
+    torch.testing.assert_close(shift_t(t, 3.0), sched.sigmas.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(shift_t(shift_t(t, 0.125), 8.0), t, atol=1e-6, rtol=0)  # 1/s inverts s
+    assert abs(shift_t(0.4, 0.125) - 0.0769) < 1e-4  # the toy's t_eval: DiNa's 0.4 at 16x16 latents
+    u = sample_t(20000, "uniform", torch.Generator().manual_seed(0), shift=0.125)
+    for q in (0.1, 0.5, 0.9):  # shift_t is monotone: the q-quantile of U(0,1) maps to shift_t(q)
+        assert abs(torch.quantile(u, q).item() - shift_t(q, 0.125)) < 0.01
+    torch.testing.assert_close(sample_t(5, "uniform", torch.Generator().manual_seed(1), shift=1.0),
+                               sample_t(5, "uniform", torch.Generator().manual_seed(1)))
+
+
+def test_toy_word_tokenizer_round_trip(tmp_path):
+    """The toy pipelines' tokenizer: one token per toy word (9 tokens for a prompt), characters for any other
+    text, and it reloads from the saved pipeline folder with the same ids."""
+    from transformers import CLIPTokenizer
+    tok = make_tiny_pipeline(0, size="toy").tokenizer
+    ids = tok("a purple triangle on a gray background").input_ids
+    assert len(ids) == 9 and tok.convert_ids_to_tokens(ids)[1:8] == [
+        "a</w>", "purple</w>", "triangle</w>", "on</w>", "a</w>", "gray</w>", "background</w>"]
+    assert tok.convert_ids_to_tokens(tok("a tiny cat").input_ids)[2:6] == ["t", "i", "n", "y</w>"]
+    tok.save_pretrained(tmp_path)
+    again = CLIPTokenizer.from_pretrained(tmp_path)
+    for p in ("a red circle on a white background", "two blue dogs"):
+        assert again(p, padding="max_length").input_ids == tok(p, padding="max_length").input_ids
+    assert again.model_max_length == tok.model_max_length == 16
 
 
 # ----------------------------------------------------------------------------- losses vs closed forms

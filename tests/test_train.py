@@ -2,6 +2,7 @@
 backbone and trained exactly as a user would with HPDv3. World-size invariance, exact resume, and
 the bad-input cases of DESIGN.md section 12."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 
 import train_reward
 from data import corrupt_toy, render_toy, toy_prompt
-from model import load_checkpoint, load_reward_model, prompt_noise
+from model import build_reward_model, load_checkpoint, load_reward_model, prompt_noise, trainable_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,6 +93,21 @@ def test_learns_easy_pairs(hpdv3, tmp_path):
     first, last = np.mean([l["loss"] for l in lines[:5]]), np.mean([l["loss"] for l in lines[-5:]])
     assert last < 0.7 * first, (first, last)
     assert lines[-1]["eval_acc"] >= 0.75
+
+
+def test_cosine_lr_and_ema_warmup(hpdv3, tmp_path):
+    """--lr-schedule cosine: lr = base * warmup * (1 + cos(pi step / steps)) / 2; the EMA decay warms up as
+    min(ema, (1 + step) / (10 + step)), so after one step EMA = 0.1 * initial + 0.9 * trained weights."""
+    out = tmp_path / "cos"
+    run(common(hpdv3, out, "--steps", "1", "--ckpt-interval", "1", "--lr", "1e-3", "--warmup", "1",
+               "--lr-schedule", "cosine", "--ema", "0.995"))
+    tensors, _ = load_checkpoint(str(out / "ckpt.safetensors"))
+    init = trainable_state(build_reward_model("tiny", "dina", lora_rank=8, seed=0))  # the run's recipe and seed
+    for n, p in init.items():
+        torch.testing.assert_close(tensors[f"ema.{n}"], 0.1 * p.detach() + 0.9 * tensors[f"model.{n}"])
+    out = tmp_path / "cos6"
+    run(common(hpdv3, out, "--steps", "6", "--lr", "1e-3", "--warmup", "1", "--lr-schedule", "cosine"))
+    assert [l["lr"] for l in log(out)] == pytest.approx([1e-3 * (1 + math.cos(math.pi * s / 6)) / 2 for s in range(6)])
 
 
 def test_world_size_invariance(hpdv3, tmp_path):
