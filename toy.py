@@ -72,7 +72,8 @@ parser.add_argument("--ema", type=float, default=0.99)
 parser.add_argument("--sample-steps", type=int, default=12)
 parser.add_argument("--cfg", type=float, default=4.0)
 parser.add_argument("--gen-per-prompt", type=int, default=3, help="generator samples in each test prompt's pool")
-parser.add_argument("--train-gen-per-prompt", type=int, default=6, help="generator samples in each training pool set")
+parser.add_argument("--train-gen-per-prompt", type=int, default=16, help="generator samples in each training pool set")
+parser.add_argument("--train-wrong", type=int, default=3, help="wrong-attribute renders per attribute in each training pool")
 # preference pairs (HPDv3) and benchmarks
 parser.add_argument("--train-pools", type=int, default=8, help="candidate pools per training prompt (image diversity)")
 parser.add_argument("--n-train-pairs", type=int, default=32000)
@@ -85,7 +86,7 @@ parser.add_argument("--tie-margin", type=float, default=0.05, help="oracle gap b
 parser.add_argument("--bothbad", type=float, default=0.5, help="GenAI-Bench: both oracle scores below -> bothbad_vote")
 parser.add_argument("--n-bench", type=int, default=300, help="pairs in each pairwise benchmark")
 SMALL = dict(renders_per_prompt=4, train_pools=1, vae_steps=3, vae_batch=8, gen_steps=3, gen_batch=8, warmup=1, sample_steps=2,
-             gen_per_prompt=1, train_gen_per_prompt=1, n_train_pairs=200, n_test_pairs=60, test_train_prompts=2, n_bench=20)
+             gen_per_prompt=1, train_gen_per_prompt=1, train_wrong=1, n_train_pairs=200, n_test_pairs=60, test_train_prompts=2, n_bench=20)
 
 # -----------------------------------------------------------------------------
 # Pure helpers
@@ -124,14 +125,15 @@ def match_stats(images, prompts):
                 oracle=float(toy_golden_score(images, prompts).mean()))
 
 
-def make_pool(prompt, rng, n_clean=3, n_strengths=2):
-    """Candidates for one prompt: [(PIL, source)], clean renders, one render per wrong attribute and
+def make_pool(prompt, rng, n_clean=3, n_strengths=2, n_wrong=1):
+    """Candidates for one prompt: [(PIL, source)], clean renders, n_wrong renders per wrong attribute and
     corrupted renders (each kind at n_strengths random strengths). Generator samples come later."""
     c, s, b = parse_toy_prompt(prompt)
     pool = [(render_toy(c, s, b, rng), "render") for _ in range(n_clean)]
-    pool.append((render_toy(str(rng.choice([x for x in TOY_COLORS if x != c])), s, b, rng), "wrong-color"))
-    pool.append((render_toy(c, str(rng.choice([x for x in TOY_SHAPES if x != s])), b, rng), "wrong-shape"))
-    pool.append((render_toy(c, s, str(rng.choice([x for x in TOY_BACKGROUNDS if x != b])), rng), "wrong-background"))
+    for _ in range(n_wrong):
+        pool.append((render_toy(str(rng.choice([x for x in TOY_COLORS if x != c])), s, b, rng), "wrong-color"))
+        pool.append((render_toy(c, str(rng.choice([x for x in TOY_SHAPES if x != s])), b, rng), "wrong-shape"))
+        pool.append((render_toy(c, s, str(rng.choice([x for x in TOY_BACKGROUNDS if x != b])), rng), "wrong-background"))
     for kind in TOY_CORRUPTIONS:
         for strength in rng.uniform(0.2, 1.0, n_strengths):
             pool.append((corrupt_toy(render_toy(c, s, b, rng), kind, strength, rng), kind))
@@ -351,7 +353,8 @@ def main(args):
     for split, split_prompts in (("train", train_prompts), ("test", test_prompts)):
         items, groups, images = [], [], []
         for p in tqdm(split_prompts, desc=f"{split} pool", leave=False):
-            pool = [c for _ in range(args.train_pools if split == "train" else 1) for c in make_pool(p, rng)]
+            pool = [c for _ in range(args.train_pools if split == "train" else 1)
+                    for c in make_pool(p, rng, n_wrong=args.train_wrong if split == "train" else 1)]
             pool += gen_by_prompt[(split, p)]
             groups.append(list(range(len(items), len(items) + len(pool))))
             items += [(f"images/{split}/{len(images) + k:05d}.png", src, p) for k, (_, src) in enumerate(pool)]
