@@ -75,3 +75,26 @@ def test_deterministic_and_build_skips(world, tmp_path):
 
 def test_ties_ranking():
     assert toy.ties_ranking(np.array([0.5, 0.9, 0.895, 0.1]), 0.02) == [3, 1, 1, 4]
+
+
+def test_pair_types_script(world, capsys):
+    """scripts/pair_types.py on oracle scores: per-type accuracies are the oracle's own agreement with the
+    majority labels (100% where it agrees), counted over all test pairs; a short scores file is refused."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import pair_types
+    test, oracle = load(os.path.join(world, "test.json")), load(os.path.join(world, "test_oracle.json"))
+    rows = [dict(benchmark="hpdv3", run="main", t=[0.08], pair=k, r_chosen=oracle[r["path1"]], r_rejected=oracle[r["path2"]])
+            for k, r in enumerate(test)]
+    path = os.path.join(os.path.dirname(world), "scores.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    pair_types.main(pair_types.parser.parse_args([path, "--world", world]))
+    lines = {l[:42].strip(): l[42:].split() for l in capsys.readouterr().out.splitlines()[1:]}
+    agree = np.mean([oracle[r["path1"]] > oracle[r["path2"]] for r in test])
+    assert lines["all"] == [str(len(test)), f"{agree:.2%}"]
+    assert sum(int(v[0]) for k, v in lines.items() if " vs " in k) == len(test)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[:-1])
+    with pytest.raises(ValueError, match="test.json"):
+        pair_types.main(pair_types.parser.parse_args([path, "--world", world]))
