@@ -23,6 +23,7 @@ the paper; the defaults below are our choice and are marked so.
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -100,11 +101,23 @@ TOY_RECIPE = dict(steps=600, global_batch=32, lr=1e-3, warmup=50, lr_schedule="c
 TOY_WORLD = dict(data="out/toy/train.json", eval_data="out/toy/test.json", t_shift=0.125, t_eval=0.08)
 
 
+def parse(argv=None):
+    """parser.parse_args, plus args.explicit: the flags given on the command line, which the toy recipe
+    never replaces (so `--t-shift 1` on the toy means 1, although 1 is also the SD3.5 default)."""
+    args = parser.parse_args(argv)
+    given = copy.deepcopy(parser)
+    for action in given._actions:
+        action.default = argparse.SUPPRESS
+    args.explicit = sorted(vars(given.parse_args(argv)))
+    return args
+
+
 def resolve_args(args):
     check_names(args.backbone, args.head)
+    explicit = set(getattr(args, "explicit", ()))  # absent when main() gets plain parser.parse_args()
     if args.backbone in ("tiny", "toy"):
         for k, v in (TOY_RECIPE | TOY_WORLD if args.backbone == "toy" else TOY_RECIPE).items():
-            if getattr(args, k) == parser.get_default(k):
+            if k not in explicit and getattr(args, k) == parser.get_default(k):
                 setattr(args, k, v)
     args.loss = args.loss or ("thurstone" if args.head == "dina" else "bt")
     args.same_noise = bool(args.head == "dina" if args.same_noise is None else args.same_noise)
@@ -382,4 +395,4 @@ def cache_to(b, device):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    main(parse())

@@ -48,7 +48,7 @@ def hpdv3(tmp_path_factory):
 
 
 def run(args_list):
-    return train_reward.main(train_reward.parser.parse_args(args_list))
+    return train_reward.main(train_reward.parse(args_list))
 
 
 def common(d, out, *extra):
@@ -93,6 +93,19 @@ def test_learns_easy_pairs(hpdv3, tmp_path):
     first, last = np.mean([l["loss"] for l in lines[:5]]), np.mean([l["loss"] for l in lines[-5:]])
     assert last < 0.7 * first, (first, last)
     assert lines[-1]["eval_acc"] >= 0.75
+
+
+def test_toy_recipe_fills_only_flags_not_given():
+    """On tiny/toy the laptop recipe replaces flags left at their SD3.5 defaults, never flags given on the
+    command line, even when given at the default's value (`--t-shift 1 --t-eval 0.4` on the toy)."""
+    a = train_reward.resolve_args(train_reward.parse(["--backbone", "toy"]))
+    assert (a.t_shift, a.t_eval, a.steps, a.lr_schedule, a.data) == (0.125, 0.08, 600, "cosine", "out/toy/train.json")
+    a = train_reward.resolve_args(train_reward.parse(["--backbone", "toy", "--t-shift", "1", "--t-eval", "0.4", "--steps", "20000"]))
+    assert (a.t_shift, a.t_eval, a.steps, a.lr_schedule) == (1.0, 0.4, 20000, "cosine")
+    a = train_reward.resolve_args(train_reward.parse(["--backbone", "sd35m"]))
+    assert (a.t_shift, a.t_eval, a.steps, a.lr_schedule, a.lora_rank) == (1.0, 0.4, 20000, "constant", 16)
+    a = train_reward.resolve_args(train_reward.parse(["--backbone", "tiny"]))  # tests' backbone: DiNa's noise levels
+    assert (a.t_shift, a.t_eval, a.steps) == (1.0, 0.4, 600)
 
 
 def test_cosine_lr_and_ema_warmup(hpdv3, tmp_path):
