@@ -1,7 +1,7 @@
 """
 Train a diffusion-native latent reward model on preference pairs.
 
-Quick start (the toy world is built into out/toy/ on first use; CPU, a few minutes):
+Quick start (the toy world is built into out/toy/ on first use; about 9 minutes on 2 CPU cores):
     python train_reward.py
 DiNa-LRM on HPDv3 with SD3.5-M, 8 GPUs (encode the cache once, then train as often as you like):
     torchrun --nproc_per_node=8 train_reward.py --backbone sd35m --head dina \
@@ -19,7 +19,8 @@ so that results do not depend on the number of processes; the loss is the head's
 accuracy with the EMA weights, atomic checkpoints, exact --resume.
 
 Deviations: the DiNa paper's LoRA rank and learning rate for SD3.5-M are not restated here from
-the paper; the defaults below are our choice and are marked so.
+the paper; the defaults below are our choice and are marked so. On the toy world DiNa's noise
+levels are moved to its 16x16 latents with SD3's resolution shift (TOY_WORLD below).
 """
 
 import argparse
