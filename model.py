@@ -97,7 +97,7 @@ def make_tiny_pipeline(seed=0, size="tiny"):
     size="tiny" (tests): 4 blocks, width 32, a 4x VAE (32x32 RGB -> 8x8x4 latents), patch 2: 16 image tokens.
     size="toy" (toy.py trains it): 6 blocks, width 128, a 2x VAE (32x32 -> 16x16x4), patch 2: 64 image tokens.
     The toy VAE downsamples 2x, not SD3's 8x: at 4x it blurred every edge by about a pixel (the oracle read
-    the shape off only 82% of its reconstructions, vs 96% at 2x), and the reward could not see mild blur."""
+    the shape off only 82% of its reconstructions, vs 97% at 2x), and the reward could not see mild blur."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     tiny = size == "tiny"
@@ -163,7 +163,8 @@ def load_transformer(backbone, path=None, seed=0, dtype=torch.float32, random_in
 @torch.no_grad()
 def make_encoders(pipe, device="cpu", max_text_len=77):
     """Wrap a pipeline as the two callables the cache builder needs.
-    encode_images: (B,3,H,W) in [-1,1] -> normalised latents (B,C,H/8,W/8), (z - shift) * scale.
+    encode_images: (B,3,H,W) in [-1,1] -> normalised latents (B,C,H/f,W/f), (z - shift) * scale; f = the VAE's
+    downsampling (8 for SD3.5, 4 tiny, 2 toy).
     encode_prompts: list[str] -> prompt_embeds (B, L + max_text_len, D), pooled (B, P); L = the tokenizer's
     model_max_length (77 for CLIP; 16 for the tiny/toy word tokenizer)."""
     vae = pipe.vae.to(device)
