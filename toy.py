@@ -92,6 +92,11 @@ SMALL = dict(renders_per_prompt=4, train_pools=1, vae_steps=3, vae_batch=8, gen_
 # Pure helpers
 
 
+def warmup_cosine(step, warmup, total):
+    """lr factor: linear warmup over `warmup` steps, then cosine decay to 0 at `total` (VAE and generator)."""
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / total))
+
+
 def to_tensor(images):
     """PIL list -> (N,3,H,W) float in [-1, 1]."""
     return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
@@ -255,8 +260,7 @@ def main(args):
     pipe.set_progress_bar_config(disable=True)
     vae = pipe.vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    cosine = lambda s, n: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + np.cos(np.pi * s / n))  # warmup, then to 0
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, args.vae_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.warmup, args.vae_steps))
     pbar = tqdm(range(args.vae_steps), desc="vae", leave=False)
     for step in pbar:
         x = x_vae[torch.randint(len(x_vae), (args.vae_batch,), generator=g)]
@@ -292,7 +296,7 @@ def main(args):
     net = pipe.transformer.train()
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, args.gen_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.warmup, args.gen_steps))
     pbar = tqdm(range(args.gen_steps), desc="generator", leave=False)
     for step in pbar:
         idx = torch.randint(len(latents), (args.gen_batch,), generator=g)
