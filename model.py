@@ -55,6 +55,15 @@ BACKBONES = {
     "sd35l": dict(path="stabilityai/stable-diffusion-3.5-large", blocks=dict(dina=19, drm=33, ditr=28),
                   taps=dict(dina=(6, 13, 19), drm=(33,), ditr=(16, 22, 28)), proj=608, conv=(256, 512, 512), mlp=512),
 }
+# The SD3.5 transformers' architectures (their transformer/config.json), so a randomly initialised backbone
+# (the pretraining ablation, GPU benchmarks) needs no download. M is MMDiT-X: extra self-attention in blocks 0-12.
+SD35_CONFIGS = {
+    "sd35m": dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384,
+                  dual_attention_layers=tuple(range(13))),
+    "sd35l": dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192)}
+for _c in SD35_CONFIGS.values():
+    _c.update(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+              joint_attention_dim=4096, pooled_projection_dim=2048, qk_norm="rms_norm")
 HEADS = ("dina", "drm", "ditr")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -156,7 +165,10 @@ def load_transformer(backbone, path=None, seed=0, dtype=torch.float32, random_in
     path = resolve_path(backbone, path)
     if random_init:
         torch.manual_seed(seed)
-        return SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(path, subfolder="transformer")).to(dtype)
+        local = os.path.isdir(path) or backbone not in SD35_CONFIGS  # the hub presets' configs are above
+        config = SD3Transformer2DModel.load_config(path, subfolder="transformer") if local else SD35_CONFIGS[backbone]
+        model = SD3Transformer2DModel.from_config(config)
+        return model if dtype == torch.float32 else model.to(dtype)
     return SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
 
 
@@ -222,6 +234,12 @@ class DiTTap(nn.Module):
             if i == max(self.taps):
                 break  # running stops after the last block needed
         return temb, vis, txt
+
+    def compile_blocks(self):
+        """torch.compile each kept block in place (fuses the norms, modulations and activations around the matmuls;
+        parameter names are unchanged, so checkpoints and the EMA are unaffected)."""
+        for block in self.blocks:
+            block.compile()
 
 # -----------------------------------------------------------------------------
 # Heads: (temb, vis, txt) -> (B,) float32
@@ -507,6 +525,15 @@ def load_checkpoint(path):
 def trainable_state(model):
     """Unwrapped names (no module./_orig_mod. prefixes) of what trains: head (+ LoRA / backbone)."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def cast_frozen(model, dtype=torch.bfloat16):
+    """Store the weights that do not train in `dtype` (bf16 on GPU, under autocast: half the memory and no
+    per-step cast of the frozen backbone); what trains (LoRA, head, or all in a full fine-tune) stays float32."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return model
 
 
 def load_reward_model(path, ema=True, transformer=None, expect=None):

@@ -6,7 +6,7 @@ Quick start (the toy world is built into out/toy/ on first use; about 9 minutes 
 DiNa-LRM on HPDv3 with SD3.5-M, 8 GPUs (encode the cache once, then train as often as you like):
     torchrun --nproc_per_node=8 train_reward.py --backbone sd35m --head dina \
         --data /data/HPDv3/train.json --eval-data /data/HPDv3/test.json --image-root /data/HPDv3 --cache-only
-    torchrun --nproc_per_node=8 train_reward.py --backbone sd35m --head dina \
+    torchrun --nproc_per_node=8 train_reward.py --backbone sd35m --head dina --compile \
         --data /data/HPDv3/train.json --eval-data /data/HPDv3/test.json --image-root /data/HPDv3
 DRM (21 blocks, full fine-tune, Bradley-Terry) and DiT-Reward (frozen SD3.5-L + MLP):
     torchrun --nproc_per_node=8 train_reward.py --backbone sd35m --head drm --full-finetune ...
@@ -37,8 +37,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import (add_noise, bt_loss, build_reward_model, check_names, load_checkpoint, load_pipeline, make_encoders,
-                   prompt_noise, sample_t, save_checkpoint, thurstone_loss, trainable_state)
+from model import (add_noise, bt_loss, build_reward_model, cast_frozen, check_names, load_checkpoint, load_pipeline,
+                   make_encoders, prompt_noise, sample_t, save_checkpoint, thurstone_loss, trainable_state)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 # backbone and head
@@ -52,6 +52,9 @@ parser.add_argument("--combine", default="softmax", help="ditr layer combination
 parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on the attention projections; 0 = frozen (ours)")
 parser.add_argument("--full-finetune", action="store_true", help="train every kept block (DRM's recipe)")
 parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the kept blocks")
+parser.add_argument("--compile", action="store_true", help="torch.compile each kept block (GPU; minutes of compilation)")
+parser.add_argument("--frozen-dtype", default="bf16", help="bf16 | fp32: storage of the weights that do not train, on CUDA "
+                    "(trainable weights are float32; CPU runs are float32)")
 # loss and noise levels
 parser.add_argument("--loss", default=None, help="thurstone | thurstone-fixed | bt (default: thurstone for dina, bt otherwise)")
 parser.add_argument("--k", type=float, default=2.0, help="Thurstone variance slope, s2(t) = k t^2 + sigma_u^2 (DiNa)")
@@ -123,6 +126,8 @@ def resolve_args(args):
     args.loss = args.loss or ("thurstone" if args.head == "dina" else "bt")
     args.same_noise = bool(args.head == "dina" if args.same_noise is None else args.same_noise)
     args.out = args.out or f"out/reward-{args.backbone}-{args.head}"
+    if args.frozen_dtype not in ("bf16", "fp32"):
+        raise ValueError(f"unknown --frozen-dtype {args.frozen_dtype!r}; choose bf16 or fp32")
     if args.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown lr schedule {args.lr_schedule!r}; choose constant or cosine")
     if args.loss not in ("thurstone", "thurstone-fixed", "bt"):
@@ -260,6 +265,10 @@ def main(args):
     model = build_reward_model(args.backbone, args.head, args.backbone_path, args.blocks, args.taps, args.lora_rank,
                                args.full_finetune, args.seed, args.combine, random_init=args.random_backbone).to(device)
     model.tap.grad_ckpt = args.grad_ckpt
+    if device.startswith("cuda") and args.frozen_dtype == "bf16":
+        cast_frozen(model, torch.bfloat16)  # bf16 autocast reads them in bf16 anyway
+    if args.compile:
+        model.tap.compile_blocks()
     C = model.tap.config.in_channels  # the cache must hold latents this backbone reads
     train_cache = data.PairCache(train_dir, latent_channels=C)
     eval_cache = data.PairCache(eval_dir, latent_channels=C) if eval_dir else None
@@ -290,9 +299,9 @@ def main(args):
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
-        if step > 0 and os.path.isfile(log_path):  # drop lines a killed run wrote after its last checkpoint
-            lines = [l for l in open(log_path) if json.loads(l).get("step", 0) <= step]
-            open(log_path, "w").writelines(lines)
+        if os.path.isfile(log_path):  # a fresh run starts a fresh log; a resumed one drops the lines a killed
+            lines = [l for l in open(log_path) if 0 < json.loads(l).get("step", 0) <= step]  # run wrote after its
+            open(log_path, "w").writelines(lines)  # last checkpoint
     wandb = None
     if args.wandb and master:
         try:

@@ -107,7 +107,7 @@ def test_accuracy_counts_and_independent_recomputation(world, tmp_path, capsys):
 def test_noise_matches_model_score_and_is_batch_invariant(world, tmp_path):
     """prompt_noise passed as noise= == RewardModel.score with the same generator (batch 1); and scores do not
     depend on --batch; the same seed reproduces the scores exactly, another seed changes them."""
-    sc = eval_reward.Scorer(str(world / "ckpt"), ensemble=(0.2, 0.5, 0.7))
+    sc = eval_reward.Scorer(str(world / "ckpt"), ensemble=(0.2, 0.5, 0.7), device="cpu")  # float32 on any machine
     g = torch.Generator().manual_seed(123)
     lat, pe, pooled = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 81, 32, generator=g), torch.randn(1, 32, generator=g)
     key = data.cache_key(P1)

@@ -404,6 +404,31 @@ def test_frozen_and_full_finetune_trainable_sets():
     assert all(p.requires_grad for p in full.head.parameters())
 
 
+def test_cast_frozen_bf16_storage_matches_autocast_of_float32(tiny):
+    """train_reward on CUDA stores the frozen weights in bf16: what trains stays float32, and under bf16 autocast
+    the rewards and LoRA gradients match the float32-stored model's (CPU autocast here; bf16 tolerances)."""
+    _, pe, pooled = tiny
+    ref = build_reward_model("tiny", "dina", lora_rank=4)
+    with torch.no_grad():  # LoRA B starts at zero; make it non-zero so every LoRA weight gets a gradient
+        for n, p in ref.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    half = model.cast_frozen(copy.deepcopy(ref), torch.bfloat16)
+    assert {p.dtype for p in trainable_state(half).values()} == {torch.float32}
+    assert {p.dtype for p in half.parameters() if not p.requires_grad} == {torch.bfloat16}
+    x, t = _latents(), torch.tensor([0.3, 0.6])
+    out = {}
+    for name, m in (("ref", ref), ("half", half)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            r = m(x, t, pe, pooled)
+        r.sum().backward()
+        out[name] = r.detach(), {n: p.grad for n, p in trainable_state(m).items()}
+    torch.testing.assert_close(out["half"][0], out["ref"][0], atol=0.05, rtol=0.05)
+    for n, g in out["ref"][1].items():
+        assert out["half"][1][n].dtype == torch.float32
+        assert (out["half"][1][n] - g).norm() <= 0.1 * g.norm() + 1e-6, n
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

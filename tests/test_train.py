@@ -119,7 +119,8 @@ def test_cosine_lr_and_ema_warmup(hpdv3, tmp_path):
     for n, p in init.items():
         torch.testing.assert_close(tensors[f"ema.{n}"], 0.1 * p.detach() + 0.9 * tensors[f"model.{n}"])
     out = tmp_path / "cos6"
-    run(common(hpdv3, out, "--steps", "6", "--lr", "1e-3", "--warmup", "1", "--lr-schedule", "cosine"))
+    for _ in range(2):  # a second fresh run (no --resume) into the same folder starts a fresh log
+        run(common(hpdv3, out, "--steps", "6", "--lr", "1e-3", "--warmup", "1", "--lr-schedule", "cosine"))
     assert [l["lr"] for l in log(out)] == pytest.approx([1e-3 * (1 + math.cos(math.pi * s / 6)) / 2 for s in range(6)])
 
 
@@ -132,7 +133,7 @@ def test_world_size_invariance(hpdv3, tmp_path):
                       "--cache-dir", str(tmp_path / f"cache{n}"))  # each world size encodes its own cache
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master-port", str(29500 + n),
                str(ROOT / "train_reward.py"), *args]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 processes on 2 cores
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # 2 CPU processes (gloo), also on a GPU machine
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"world {n}, global batch 8 = micro 2 x accum {4 // n} x world {n}" in r.stdout
@@ -236,3 +237,12 @@ def test_nan_loss_stops_with_a_clear_error(hpdv3, tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match=r"step 0: loss is nan on pairs"):
         run(common(hpdv3, tmp_path / "nan", "--steps", "3"))
     assert not (tmp_path / "nan" / "ckpt.safetensors").exists()
+
+
+def test_bench_script_runs_on_cpu():
+    """scripts/bench_reward.py (the GPU benchmark of the README) runs end to end on the tiny backbone."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/bench_reward.py"), "--backbone", "tiny", "--resolution", "64",
+                        "--batch", "2", "--score-batch", "2", "--steps", "1"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pairs/s" in r.stdout and "images/s" in r.stdout and "TFLOP/pair" in r.stdout
