@@ -72,10 +72,12 @@ parser.add_argument("--ema", type=float, default=0.99)
 parser.add_argument("--sample-steps", type=int, default=12)
 parser.add_argument("--cfg", type=float, default=4.0)
 parser.add_argument("--gen-per-prompt", type=int, default=3, help="generator samples in each test prompt's pool")
-parser.add_argument("--train-gen-per-prompt", type=int, default=16, help="generator samples in each training pool set")
-parser.add_argument("--train-wrong", type=int, default=3, help="wrong-attribute renders per attribute in each training pool")
+parser.add_argument("--train-gen-per-prompt", type=int, default=16, help="generator samples per training prompt, "
+                    "spread over its pools")
+parser.add_argument("--train-wrong", type=int, default=1, help="wrong-attribute renders per attribute in each training pool")
 # preference pairs (HPDv3) and benchmarks
-parser.add_argument("--train-pools", type=int, default=8, help="candidate pools per training prompt (image diversity)")
+parser.add_argument("--train-pools", type=int, default=8, help="candidate pools per training prompt (image diversity); "
+                    "each is built like a test pool and pairs never cross pools")
 parser.add_argument("--n-train-pairs", type=int, default=32000)
 parser.add_argument("--n-test-pairs", type=int, default=800)
 parser.add_argument("--test-train-prompts", type=int, default=9, help="training prompts added to the test prompts")
@@ -130,14 +132,17 @@ def match_stats(images, prompts):
                 oracle=float(toy_golden_score(images, prompts).mean()))
 
 
-def make_pool(prompt, rng, n_clean=3, n_strengths=2, n_wrong=1):
+def make_pool(prompt, rng, n_clean=3, n_strengths=2, n_wrong=1, avoid=()):
     """Candidates for one prompt: [(PIL, source)], clean renders, n_wrong renders per wrong attribute and
-    corrupted renders (each kind at n_strengths random strengths). Generator samples come later."""
+    corrupted renders (each kind at n_strengths random strengths). Generator samples come later.
+    avoid: (colour, shape) combos no wrong render may show (training pools avoid the held-out combos)."""
     c, s, b = parse_toy_prompt(prompt)
     pool = [(render_toy(c, s, b, rng), "render") for _ in range(n_clean)]
     for _ in range(n_wrong):
-        pool.append((render_toy(str(rng.choice([x for x in TOY_COLORS if x != c])), s, b, rng), "wrong-color"))
-        pool.append((render_toy(c, str(rng.choice([x for x in TOY_SHAPES if x != s])), b, rng), "wrong-shape"))
+        pool.append((render_toy(str(rng.choice([x for x in TOY_COLORS if x != c and (x, s) not in avoid])), s, b, rng),
+                     "wrong-color"))
+        pool.append((render_toy(c, str(rng.choice([x for x in TOY_SHAPES if x != s and (c, x) not in avoid])), b, rng),
+                     "wrong-shape"))
         pool.append((render_toy(c, s, str(rng.choice([x for x in TOY_BACKGROUNDS if x != b])), rng), "wrong-background"))
     for kind in TOY_CORRUPTIONS:
         for strength in rng.uniform(0.2, 1.0, n_strengths):
@@ -356,13 +361,19 @@ def main(args):
     splits = {}
     for split, split_prompts in (("train", train_prompts), ("test", test_prompts)):
         items, groups, images = [], [], []
+        n_pools, n_wrong = (args.train_pools, args.train_wrong) if split == "train" else (1, 1)
+        # held-out combos are never shown in training, not even as wrong-attribute renders: a model that saw
+        # them only as rejected images would learn "red triangles are bad" instead of reading the prompt
+        avoid = set(map(tuple, TOY_HELDOUT)) if split == "train" else set()
         for p in tqdm(split_prompts, desc=f"{split} pool", leave=False):
-            pool = [c for _ in range(args.train_pools if split == "train" else 1)
-                    for c in make_pool(p, rng, n_wrong=args.train_wrong if split == "train" else 1)]
-            pool += gen_by_prompt[(split, p)]
-            groups.append(list(range(len(items), len(items) + len(pool))))
-            items += [(f"images/{split}/{len(images) + k:05d}.png", src, p) for k, (_, src) in enumerate(pool)]
-            images += [im for im, _ in pool]
+            gen = gen_by_prompt[(split, p)]
+            # a training pool is built as a test pool is, and pairs are drawn within pools (README: better than
+            # drawing them across a prompt's 8 pools merged, with 3 wrong renders per attribute in each)
+            for k in range(n_pools):
+                pool = make_pool(p, rng, n_wrong=n_wrong, avoid=avoid) + gen[k::n_pools]  # its share of the generator samples
+                groups.append(list(range(len(items), len(items) + len(pool))))
+                items += [(f"images/{split}/{len(images) + j:05d}.png", src, p) for j, (_, src) in enumerate(pool)]
+                images += [im for im, _ in pool]
         save_images(f"images/{split}", images, tmp)
         splits[split] = (items, groups, toy_golden_score(images, [it[2] for it in items]))
     items, groups, scores = splits["train"]
