@@ -164,11 +164,13 @@ def hpdv3_records(items, pairs, votes, n_raters):
 
 
 def within_prompt_pairs(groups, n, rng, scores=None, margin=0.0):
-    """Sample n distinct pairs (i, j) inside the index groups; drop oracle near-ties if scores."""
+    """Sample n distinct pairs (i, j) inside the index groups; drop oracle near-ties if scores (after the shuffle:
+    a float-level change of a score, e.g. another library version, changes only pairs near the margin)."""
     pairs = np.array([p for g in groups for p in itertools.combinations(g, 2)])
+    pairs = pairs[rng.permutation(len(pairs))]
     if scores is not None:
         pairs = pairs[np.abs(scores[pairs[:, 0]] - scores[pairs[:, 1]]) >= margin]
-    pairs = pairs[rng.permutation(len(pairs))[:n]]
+    pairs = pairs[:n]
     return np.where(rng.random((len(pairs), 1)) < 0.5, pairs, pairs[:, ::-1])  # random left / right
 
 
