@@ -1,5 +1,6 @@
 """toy.py: a miniature world (--small) has every file, in the real formats, reloads, and is
 deterministic from its seed."""
+import itertools
 import json
 import os
 
@@ -75,6 +76,22 @@ def test_deterministic_and_build_skips(world, tmp_path):
 
 def test_ties_ranking():
     assert toy.ties_ranking(np.array([0.5, 0.9, 0.895, 0.1]), 0.02) == [3, 1, 1, 4]
+
+
+def test_within_prompt_pairs_margin_and_stability():
+    """Near-ties are dropped; a float-level change of the scores changes only pairs near the margin."""
+    rng = np.random.default_rng(0)
+    groups, scores = [list(range(k, k + 17)) for k in range(0, 170, 17)], rng.uniform(0, 1, 170)
+    a = toy.within_prompt_pairs(groups, 400, np.random.default_rng(1), scores, 0.05)
+    assert len(a) == 400 and (np.abs(scores[a[:, 0]] - scores[a[:, 1]]) >= 0.05).all()
+    assert all(any(i in g and j in g for g in groups) for i, j in a)  # never across groups
+    moved = scores + rng.normal(0, 1e-3, 170)
+    every = np.array([p for g in groups for p in itertools.combinations(g, 2)])
+    keep = lambda s: np.abs(s[every[:, 0]] - s[every[:, 1]]) >= 0.05
+    n_cross = int((keep(scores) != keep(moved)).sum())  # pairs that cross the margin
+    assert n_cross > 0
+    b = toy.within_prompt_pairs(groups, 400, np.random.default_rng(1), moved, 0.05)
+    assert len({tuple(sorted(p)) for p in a} ^ {tuple(sorted(p)) for p in b}) <= 2 * n_cross
 
 
 def test_pair_types_script(world, capsys):
