@@ -1,5 +1,5 @@
 """
-Builds the toy world on disk (DESIGN.md section 8), deterministically from a seed:
+Builds the toy world on disk (DESIGN.md section 8) from a seed (float-level noise aside: see within_prompt_pairs):
 
   renders -> tiny AutoencoderKL -> tiny SD3 generator (rectified flow) -> preference pairs
   (HPDv3 train/test JSON) -> benchmarks in the real formats (HPDv2, ImageReward, GenAI-Bench,

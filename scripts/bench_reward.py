@@ -6,7 +6,7 @@ Speed and memory of reward-model training and scoring at real SD3.5 shapes, with
     python scripts/bench_reward.py --backbone sd35m --head drm --full-finetune --grad-ckpt --batch 4
     python scripts/bench_reward.py --backbone tiny --resolution 64 --steps 2       # CPU smoke test (tests run it)
 
-train: one optimizer step of train_reward.py on `--batch` pairs (2 x batch images in one forward): noise at the
+train: train_reward.py's optimizer step, op for op, on `--batch` pairs (2 x batch images in one forward): noise at the
 recipe's t, the tap + head in bf16 autocast with the frozen weights stored in bf16 and the trainable ones in float32
 (train_reward.py on CUDA; `--frozen-dtype fp32` to compare), the head's loss, backward, grad clipping, AdamW on the
 trainable weights (LoRA + head by default). score: a forward of `--score-batch` images without gradients, as
