@@ -443,6 +443,44 @@ class PairCache:
         return {**out, "label": torch.tensor([it["label"] for it in items], dtype=torch.float32),
                 "group": torch.tensor([it["group"] for it in items], dtype=torch.long)}
 
+    def group_batch(self, units):
+        """units [[pair indices]] -> the distinct images of each unit, forwarded once however many of its pairs
+        they are in: lat (N,C,h,w), prompt_embeds (N,L,D), pooled (N,P), unit (N,) per image row; pos, neg (K,)
+        the rows of each pair's chosen and rejected image, label (K,). An image is a (latent, prompt) node."""
+        rows, img, pos, neg = {}, [], [], []
+        for u, ids in enumerate(units):
+            for i in ids:
+                p = self.pairs[i]
+                for side, key in ((pos, p["chosen"]), (neg, p["rejected"])):
+                    if (u, key, p["prompt"]) not in rows:
+                        rows[(u, key, p["prompt"])] = len(img)
+                        img.append((u, key, p["prompt"]))
+                    side.append(rows[(u, key, p["prompt"])])
+        if len({tuple(self.pairs[i]["shape"]) for ids in units for i in ids}) != 1:
+            raise ValueError(f"{self.dir}: units {units[:4]} mix buckets; batch within PairCache.buckets()")
+        return {"lat": torch.stack([self.tensor(self.lat[k], k) for _, k, _ in img]),
+                "prompt_embeds": torch.stack([self.tensor(self.txt[q], q + ".embeds") for _, _, q in img]),
+                "pooled": torch.stack([self.tensor(self.txt[q], q + ".pooled") for _, _, q in img]),
+                "unit": torch.tensor([u for u, _, _ in img]), "pos": torch.tensor(pos), "neg": torch.tensor(neg),
+                "label": torch.tensor([self.pairs[i]["label"] for ids in units for i in ids], dtype=torch.float32)}
+
+    def components(self):
+        """-> [[pair indices]]: the connected groups of the pair graph, whose nodes are (image, prompt): pairs
+        that share an image under the same prompt (a prompt's pool of candidates) fall in one group."""
+        parent = {}
+
+        def find(x):
+            while parent.setdefault(x, x) != x:
+                parent[x] = x = parent[parent[x]]  # path halving
+            return x
+        for p in self.pairs:
+            a, b = find((p["chosen"], p["prompt"])), find((p["rejected"], p["prompt"]))
+            parent[a] = b
+        out = {}
+        for i, p in enumerate(self.pairs):
+            out.setdefault(find((p["chosen"], p["prompt"])), []).append(i)
+        return list(out.values())
+
     def buckets(self):
         """-> {"CxHxW": [pair indices]}, so the trainer never mixes buckets in a batch."""
         out = {}

@@ -78,7 +78,7 @@ parser.add_argument("--train-wrong", type=int, default=1, help="wrong-attribute 
 # preference pairs (HPDv3) and benchmarks
 parser.add_argument("--train-pools", type=int, default=8, help="candidate pools per training prompt (image diversity); "
                     "each is built like a test pool and pairs never cross pools")
-parser.add_argument("--n-train-pairs", type=int, default=32000)
+parser.add_argument("--n-train-pairs", type=int, default=0, help="0: every pair of every pool (37,440; ranked whole)")
 parser.add_argument("--n-test-pairs", type=int, default=800)
 parser.add_argument("--test-train-prompts", type=int, default=9, help="training prompts added to the test prompts")
 parser.add_argument("--train-raters", type=int, default=5)
@@ -170,7 +170,7 @@ def within_prompt_pairs(groups, n, rng, scores=None, margin=0.0):
     pairs = pairs[rng.permutation(len(pairs))]
     if scores is not None:
         pairs = pairs[np.abs(scores[pairs[:, 0]] - scores[pairs[:, 1]]) >= margin]
-    pairs = pairs[:n]
+    pairs = pairs[:n or None]  # n = 0: all
     return np.where(rng.random((len(pairs), 1)) < 0.5, pairs, pairs[:, ::-1])  # random left / right
 
 
@@ -234,7 +234,7 @@ def build(out_dir="out/toy", seed=0, force=False, **overrides):
 def main(args):
     if args.small:
         for k, v in SMALL.items():
-            setattr(args, k, min(getattr(args, k), v))
+            setattr(args, k, min(getattr(args, k) or v, v))  # 0 = all pairs: the small world's 200
     out = args.out.rstrip("/")
     tmp = f"{out}.partial-{os.getpid()}"  # per process: two concurrent builds never share a half-built folder
     shutil.rmtree(tmp, ignore_errors=True)
@@ -360,8 +360,8 @@ def main(args):
     gen_by_prompt = {}
     for s, key in zip(samples, gen_split):
         gen_by_prompt.setdefault(key, []).append((s, "generator"))
-    splits = {}
-    for split, split_prompts in (("train", train_prompts), ("test", test_prompts)):
+    splits, rng_train = {}, np.random.default_rng([args.seed, 1])  # its own stream: the training pools' flags never
+    for split, split_prompts in (("train", train_prompts), ("test", test_prompts)):  # redraw the test set or benchmarks
         items, groups, images = [], [], []
         n_pools, n_wrong = (args.train_pools, args.train_wrong) if split == "train" else (1, 1)
         # held-out combos are never shown in training, not even as wrong-attribute renders: a model that saw
@@ -369,18 +369,18 @@ def main(args):
         avoid = set(map(tuple, TOY_HELDOUT)) if split == "train" else set()
         for p in tqdm(split_prompts, desc=f"{split} pool", leave=False):
             gen = gen_by_prompt[(split, p)]
-            # a training pool is built as a test pool is, and pairs are drawn within pools (README: better than
-            # drawing them across a prompt's 8 pools merged, with 3 wrong renders per attribute in each)
+            # a training pool is built as a test pool is; pairs never cross pools (README: better than merged pools)
+            r = rng_train if split == "train" else rng
             for k in range(n_pools):
-                pool = make_pool(p, rng, n_wrong=n_wrong, avoid=avoid) + gen[k::n_pools]  # its share of the generator samples
+                pool = make_pool(p, r, n_wrong=n_wrong, avoid=avoid) + gen[k::n_pools]  # its share of the generator samples
                 groups.append(list(range(len(items), len(items) + len(pool))))
                 items += [(f"images/{split}/{len(images) + j:05d}.png", src, p) for j, (_, src) in enumerate(pool)]
                 images += [im for im, _ in pool]
         save_images(f"images/{split}", images, tmp)
         splits[split] = (items, groups, toy_golden_score(images, [it[2] for it in items]))
     items, groups, scores = splits["train"]
-    pairs = within_prompt_pairs(groups, args.n_train_pairs, rng)  # noisy labels: few raters, near-ties kept
-    votes = toy_annotate(scores[pairs[:, 0]], scores[pairs[:, 1]], args.train_raters, rng, args.rater_noise)
+    pairs = within_prompt_pairs(groups, args.n_train_pairs, rng_train)  # noisy labels: few raters, near-ties kept
+    votes = toy_annotate(scores[pairs[:, 0]], scores[pairs[:, 1]], args.train_raters, rng_train, args.rater_noise)
     train = hpdv3_records(items, pairs, votes, args.train_raters)
     train_agree = np.mean((scores[pairs[:, 0]] > scores[pairs[:, 1]]) == (2 * votes > args.train_raters))
     write_json(os.path.join(tmp, "train.json"), train)

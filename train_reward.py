@@ -14,7 +14,9 @@ DRM (21 blocks, full fine-tune, Bradley-Terry) and DiT-Reward (frozen SD3.5-L + 
 
 The step, in plain sight: a global batch of pairs (never mixing resolution buckets) is split over
 ranks and micro-batches; each pair gets its own noise level t and noise, seeded by (seed, step, pair)
-so that results do not depend on the number of processes; the loss is the head's recipe
+so that results do not depend on the number of processes (--batching groups: each group of pairs
+that share images, a prompt's pool, is one unit with one t and noise, its images forwarded once and
+all of its labelled pairs trained on: the toy's default); the loss is the head's recipe
 (noise-calibrated Thurstone for dina, Bradley-Terry for drm/ditr); AdamW, EMA, periodic held-out
 accuracy with the EMA weights, atomic checkpoints, exact --resume.
 
@@ -50,7 +52,8 @@ parser.add_argument("--blocks", type=int, default=None, help="blocks kept (defau
 parser.add_argument("--taps", type=lambda s: tuple(int(x) for x in s.split(",")), default=None, help="e.g. 4,8,12")
 parser.add_argument("--combine", default="softmax", help="ditr layer combination: softmax | concat")
 parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on the attention projections; 0 = frozen (ours)")
-parser.add_argument("--full-finetune", action="store_true", help="train every kept block (DRM's recipe)")
+parser.add_argument("--full-finetune", action=argparse.BooleanOptionalAction, default=False,
+                    help="train every kept block (DRM's recipe; the toy world's default, --no-full-finetune for LoRA)")
 parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the kept blocks")
 parser.add_argument("--compile", action="store_true", help="torch.compile each kept block (GPU: 1.7x on an H100, 20-45 s to compile)")
 parser.add_argument("--frozen-dtype", default="bf16", help="bf16 | fp32: storage of the weights that do not train, on CUDA "
@@ -71,6 +74,8 @@ parser.add_argument("--same-noise", type=int, default=None, help="1: chosen and 
 parser.add_argument("--steps", type=int, default=20000)
 parser.add_argument("--global-batch", type=int, default=64, help="pairs per optimizer step, over all ranks")
 parser.add_argument("--micro-batch", type=int, default=None, help="pairs per forward on one rank (default: global / world)")
+parser.add_argument("--batching", default="pairs", help="pairs | groups: a step forwards 2 x --global-batch images, whole groups "
+                    "of pairs sharing images (a prompt's pool), and trains on every pair among them (ours; the toy's default)")
 parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (ours)")
 parser.add_argument("--weight-decay", type=float, default=0.01)
 parser.add_argument("--warmup", type=int, default=500)
@@ -101,8 +106,10 @@ TOY_RECIPE = dict(steps=600, global_batch=32, lr=1e-3, warmup=50, lr_schedule="c
 # and on the toy world only: its data, and the noise levels moved to its 16x16 latents. DiNa's t ~ U(0,1), t_eval 0.4
 # were tuned on SD3.5's 128x128 latents; SD3's resolution shift with s = sqrt(16*16 / (128*128)) = 1/8 maps them to
 # the same signal-to-noise at 16x16: t ~ shift_t(U(0,1), 1/8), t_eval = shift_t(0.4, 1/8) = 0.08 (README: measured
-# against the unshifted recipe, `--t-shift 1 --t-eval 0.4`).
-TOY_WORLD = dict(data="out/toy/train.json", eval_data="out/toy/test.json", t_shift=0.125, t_eval=0.08)
+# against the unshifted recipe, `--t-shift 1 --t-eval 0.4`). A step trains on every pair of the pools it forwards
+# (--batching groups); the 3.2M-parameter backbone is fully fine-tuned (README: LoRA, groups or pairs, learns less).
+TOY_WORLD = dict(data="out/toy/train.json", eval_data="out/toy/test.json", t_shift=0.125, t_eval=0.08, batching="groups",
+                 full_finetune=True, lr=5e-4)
 
 
 def parse(argv=None):
@@ -130,6 +137,8 @@ def resolve_args(args):
         raise ValueError(f"unknown --frozen-dtype {args.frozen_dtype!r}; choose bf16 or fp32")
     if args.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown lr schedule {args.lr_schedule!r}; choose constant or cosine")
+    if args.batching not in ("pairs", "groups"):
+        raise ValueError(f"unknown --batching {args.batching!r}; choose pairs or groups")
     if args.loss not in ("thurstone", "thurstone-fixed", "bt"):
         raise ValueError(f"unknown loss {args.loss!r}; choose thurstone, thurstone-fixed or bt")
     return args
@@ -144,24 +153,61 @@ def pair_loss(args, r_pos, r_neg, t, y):
     return bt_loss(r_pos, r_neg, y)
 
 
-def pair_noise(args, step, ids, lat):
-    """Per-pair t and noise seeded by (seed, step, pair index): independent of rank and world size."""
-    ts, e_pos, e_neg = [], [], []
-    for i in ids:
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 100_003 + int(i))
-        ts.append(sample_t(1, args.t_sampling, g, args.t_mu, args.t_s, args.t_eval, args.t_shift))
-        e_pos.append(torch.randn(lat.shape[1:], generator=g))
-        e_neg.append(e_pos[-1] if args.same_noise else torch.randn(lat.shape[1:], generator=g))
-    return torch.cat(ts), torch.stack(e_pos), torch.stack(e_neg)
+def unit_noise(args, step, units, b):
+    """Per-unit t and noise seeded by (seed, step, the unit's first pair index): independent of rank and world
+    size. A unit's images share one t; and one noise draw (DiNa's same noise for chosen and rejected, --same-noise 1)
+    or one each (DRM). Pair batching: a unit is one pair, and its chosen image draws before its rejected one."""
+    t, eps = torch.empty(len(b["unit"])), torch.empty(b["lat"].shape)
+    for u, ids in enumerate(units):
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 100_003 + int(ids[0]))
+        rows = (b["unit"] == u).nonzero().flatten().tolist()
+        t[rows] = sample_t(1, args.t_sampling, g, args.t_mu, args.t_s, args.t_eval, args.t_shift)
+        shared = torch.randn(b["lat"].shape[1:], generator=g)
+        for k, row in enumerate(rows):
+            eps[row] = shared if args.same_noise or k == 0 else torch.randn(b["lat"].shape[1:], generator=g)
+    return t, eps
 
 
-def global_batches(cache, batch, seed, epoch):
-    """All global batches of one epoch: shuffled within each bucket, never mixing buckets."""
+def global_batches(cache, batch, micro, seed, epoch, groups=False):
+    """All global batches of one epoch, shuffled, each from one bucket: a list of micro-batches, each a list of
+    units (lists of pair indices) whose images are forwarded together.
+    pairs: a unit is one pair; a micro-batch holds `micro` pairs and a global batch `batch` pairs.
+    groups: a unit is a connected group of pairs (data.PairCache.components: a prompt's pool) or, if its images
+    overflow a micro-batch (2 * micro images, the forward cost of `micro` pairs), a random piece of one;
+    micro-batches take whole units in a shuffled order up to 2 * micro images, and a global batch is
+    batch / micro of them. Every labelled pair among the images of a unit is trained on (InstructGPT, Sec. 3.5:
+    all K-choose-2 comparisons of a prompt as one batch element)."""
     g = torch.Generator().manual_seed(seed + 7919 * epoch)
-    out = []
-    for ids in cache.buckets().values():
-        ids = [ids[j] for j in torch.randperm(len(ids), generator=g).tolist()]
-        out += [ids[i:i + batch] for i in range(0, len(ids) - batch + 1, batch)]
+    out, per_global = [], batch // micro
+    nodes = lambda i: {(cache.pairs[i][k], cache.pairs[i]["prompt"]) for k in ("chosen", "rejected")}  # its 2 images
+    comps = cache.components() if groups else [[i] for i in range(len(cache))]
+    by_bucket = {}
+    for c in comps:
+        by_bucket.setdefault(tuple(cache.pairs[c[0]]["shape"]), []).append(c)
+    for units in by_bucket.values():
+        if groups:  # cut units that overflow a micro-batch: pairs in a random order, a new piece when one would overflow
+            cut = []
+            for c in units:
+                piece, imgs = [], set()
+                for i in [c[j] for j in torch.randperm(len(c), generator=g).tolist()]:
+                    if len(imgs | nodes(i)) > 2 * micro:
+                        cut.append(piece)
+                        piece, imgs = [], set()
+                    piece, imgs = piece + [i], imgs | nodes(i)
+                cut.append(piece)
+            units = cut
+        units = [units[j] for j in torch.randperm(len(units), generator=g).tolist()]
+        micros, cur, n = [], [], 0
+        for u in units:  # next fit in the shuffled order; an unfilled last micro-batch is dropped (drop_last)
+            k = len(set().union(*map(nodes, u)))
+            if cur and n + k > 2 * micro:
+                micros.append(cur)
+                cur, n = [], 0
+            cur, n = cur + [u], n + k
+            if n == 2 * micro:
+                micros.append(cur)
+                cur, n = [], 0
+        out += [micros[i:i + per_global] for i in range(0, len(micros) - per_global + 1, per_global)]
     return [out[j] for j in torch.randperm(len(out), generator=g).tolist()]
 
 
@@ -193,7 +239,7 @@ def evaluate(model, cache, args, rank, world, autocast):
     The noise is model.prompt_noise: shared by the two images of a pair and the same noise
     eval_reward.py uses, so its accuracy at the same t and seed is this one. Sharded over ranks."""
     model.eval()
-    dev, scores = device_of(model), {}
+    dev, scores = next(model.parameters()).device, {}
     for ids in cache.buckets().values():
         for i0 in range(rank * 64, len(ids), world * 64):
             chunk = ids[i0:i0 + 64]
@@ -212,10 +258,6 @@ def evaluate(model, cache, args, rank, world, autocast):
     res = data.pairwise_accuracy([scores[i][0] for i in ids], [scores[i][1] for i in ids],
                                  [cache.pairs[i]["group"] for i in ids])
     return res["acc"], res["pairs"]
-
-
-def device_of(model):
-    return next(model.parameters()).device
 
 
 def print0(*a, **k):
@@ -245,6 +287,8 @@ def main(args):
         raise ValueError(f"--global-batch {args.global_batch} is not a multiple of micro-batch {micro} x world {world}")
     accum = args.global_batch // (micro * world)
     print0(f"world {world}, global batch {args.global_batch} = micro {micro} x accum {accum} x world {world}, device {device}")
+    if args.batching == "groups":
+        print0(f"batching groups: a micro-batch forwards up to {2 * micro} images, whole groups of pairs that share them")
 
     # -------------------------------------------------------------------------- data (toy world built on first use)
     if args.backbone == "toy" and args.data == TOY_WORLD["data"] and not os.path.isfile("out/toy/summary.json"):
@@ -326,43 +370,40 @@ def main(args):
             ema[n].copy_(tmp)
 
     # -------------------------------------------------------------------------- the loop
-    n_per_epoch = len(global_batches(train_cache, args.global_batch, args.seed, 0))
-    if n_per_epoch == 0:
-        raise ValueError(f"{args.data}: fewer pairs per bucket than one global batch ({args.global_batch})")
-    acc_eval, t0, metrics = None, (time.time(), step), {}
+    plan = (-1, 0, [])  # (epoch, its first step, its global batches); epochs of --batching groups differ in length
+    acc_eval, t0, metrics = None, (time.time(), step, 0), {}
     bar = tqdm(total=args.steps, initial=step, disable=not master, desc="train", mininterval=5)
-    epoch_batches = (None, None)  # (epoch, its global batches): rebuilt once per epoch
     while step < args.steps:
-        epoch, pos = divmod(step, n_per_epoch)
-        if epoch_batches[0] != epoch:
-            epoch_batches = (epoch, global_batches(train_cache, args.global_batch, args.seed, epoch))
-        batch = epoch_batches[1][pos]
+        while step >= plan[1] + len(plan[2]):  # walk to the epoch holding this step (from 0 after --resume)
+            plan = (plan[0] + 1, plan[1] + len(plan[2]),
+                    global_batches(train_cache, args.global_batch, micro, args.seed, plan[0] + 1, args.batching == "groups"))
+            if not plan[2]:
+                raise ValueError(f"{args.data}: fewer pairs per bucket than one global batch ({args.global_batch})")
+        batch = plan[2][step - plan[1]]  # accum x world micro-batches
+        n_pairs = sum(len(u) for m in batch for u in m)  # in the global batch: the loss is their mean
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warmup, then constant or cosine
         lr *= 0.5 * (1 + math.cos(math.pi * step / args.steps)) if args.lr_schedule == "cosine" else 1.0
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
         for a in range(accum):
-            j0 = (a * world + rank) * micro  # rank r takes micro-batches r, r + world, ...
-            ids = batch[j0:j0 + micro]
-            b = cache_to(train_cache.batch(ids), device)
-            t, e_pos, e_neg = (x.to(device) for x in pair_noise(args, step, ids, b["lat_pos"]))
+            units = batch[a * world + rank]  # rank r takes micro-batches r, r + world, ...
+            b = cache_to(train_cache.group_batch(units), device)
+            t, eps = (x.to(device) for x in unit_noise(args, step, units, b))
             y = b["label"] if args.soft_labels else torch.ones_like(b["label"])
             sync = nullcontext() if (not ddp or a == accum - 1) else train_model.no_sync()
             with sync, autocast:
-                lat = torch.cat([add_noise(b["lat_pos"], t, e_pos), add_noise(b["lat_neg"], t, e_neg)])
-                r = train_model(lat, t.repeat(2), b["prompt_embeds"].repeat(2, 1, 1), b["pooled"].repeat(2, 1))
-                r_pos, r_neg = r.float().chunk(2)
-                loss = pair_loss(args, r_pos, r_neg, t, y)
-                (loss / accum).backward()
-            loss_sum += loss.detach() / accum
+                r = train_model(add_noise(b["lat"], t, eps), t, b["prompt_embeds"], b["pooled"]).float()  # (N,) images
+                r_pos, r_neg = r[b["pos"]], r[b["neg"]]  # (K,) pairs
+                loss = pair_loss(args, r_pos, r_neg, t[b["pos"]], y) * len(y) / n_pairs  # this micro-batch's share
+                (loss * world).backward()  # DDP averages over ranks
+            loss_sum += loss.detach()
             correct += (r_pos > r_neg).float().sum().detach()
         if ddp:
-            for x in (loss_sum, correct):
+            for x in (loss_sum, correct):  # each rank holds its share of the global mean
                 dist.all_reduce(x)
-            loss_sum /= world
         if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"step {step}: loss is {loss_sum.item()} on pairs {batch[:8]}...; "
+            raise FloatingPointError(f"step {step}: loss is {loss_sum.item()} on pairs {batch[0][:8]}...; "
                                      f"check the data (cache {train_cache.dir}) or lower --lr")
         gnorm = torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip)
         opt.step()
@@ -371,12 +412,12 @@ def main(args):
             d = min(args.ema, (1 + step) / (10 + step))  # so early evaluations are not ~the initial weights
             for n, p in params.items():
                 ema[n].lerp_(p.detach(), 1 - d)
-        step += 1
+        step, t0 = step + 1, (*t0[:2], t0[2] + n_pairs)
         bar.update(1)
         # ---------------------------------------------------------------------- log, eval, checkpoint
         if step % args.log_interval == 0 or step % args.eval_interval == 0 or step == args.steps:
-            metrics = dict(step=step, loss=loss_sum.item(), acc=correct.item() / args.global_batch, lr=lr,
-                           gnorm=gnorm.item(), pairs_per_s=args.global_batch * (step - t0[1]) / (time.time() - t0[0]))
+            metrics = dict(step=step, loss=loss_sum.item(), acc=correct.item() / n_pairs, lr=lr, gnorm=gnorm.item(),
+                           pairs_per_s=t0[2] / (time.time() - t0[0]))
             if eval_cache and (step % args.eval_interval == 0 or step == args.steps):
                 swap_ema()
                 acc_eval, n_eval = evaluate(model, eval_cache, args, rank, world, autocast)
@@ -388,7 +429,7 @@ def main(args):
                     f.write(json.dumps(metrics) + "\n")
                 if wandb:
                     wandb.log(metrics, step=step)
-            t0 = (time.time(), step)  # training throughput excludes the evaluation
+            t0 = (time.time(), step, 0)  # training throughput excludes the evaluation
         if master and (step % args.ckpt_interval == 0 or step == args.steps):
             checkpoint(step, metrics)
     bar.close()

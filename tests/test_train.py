@@ -1,6 +1,7 @@
 """train_reward.py on the real-data path: HPDv3-format JSON + images on disk, cached with the `tiny`
 backbone and trained exactly as a user would with HPDv3. World-size invariance, exact resume, and
 the bad-input cases of DESIGN.md section 12."""
+import itertools
 import json
 import math
 import os
@@ -36,6 +37,33 @@ def write_hpdv3(folder, n_pairs, seed=0):
             dict(choice_dist=None, confidence=None, model1=None, model2=None)
         recs.append(dict(prompt=toy_prompt(color, shape, bg), path1=f"images/{i}_a.png", path2=f"images/{i}_b.png", **extra))
     return recs
+
+
+def write_pools(folder, prompts, seed=1):
+    """HPDv3 records of candidate pools, as HPDv3 and the toy world have them: per prompt 4 images (a clean
+    render, the wrong colour, blurred, noisy) and all 6 pairs among them, so every image is in 3 pairs."""
+    rng, recs = np.random.default_rng(seed), []
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for k, (color, wrong, shape) in enumerate(prompts):
+        ims = [render_toy(color, shape, "white", rng), render_toy(wrong, shape, "white", rng),
+               corrupt_toy(render_toy(color, shape, "white", rng), "blur", 0.8, rng),
+               corrupt_toy(render_toy(color, shape, "white", rng), "noise", 0.8, rng)]
+        for j, im in enumerate(ims):
+            im.save(folder / f"images/{k}_{j}.png")
+        recs += [dict(prompt=toy_prompt(color, shape, "white"), path1=f"images/{k}_{i}.png", path2=f"images/{k}_{j}.png",
+                      choice_dist=[4, 1], confidence=0.8, model1=None, model2=None)
+                 for i, j in itertools.combinations(range(4), 2)]
+    return recs
+
+
+@pytest.fixture(scope="module")
+def pools(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pools")
+    recs = write_pools(d, [(c, w, s) for (c, w) in (("red", "blue"), ("green", "yellow"), ("blue", "red"), ("yellow", "green"))
+                           for s in ("circle", "square")] + [("purple", "orange", "triangle"), ("orange", "purple", "circle")])
+    (d / "train.json").write_text(json.dumps(recs[:48]))  # 8 pools of 6 pairs
+    (d / "test.json").write_text(json.dumps(recs[48:]))
+    return d
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +128,15 @@ def test_toy_recipe_fills_only_flags_not_given():
     command line, even when given at the default's value (`--t-shift 1 --t-eval 0.4` on the toy)."""
     a = train_reward.resolve_args(train_reward.parse(["--backbone", "toy"]))
     assert (a.t_shift, a.t_eval, a.steps, a.lr_schedule, a.data) == (0.125, 0.08, 600, "cosine", "out/toy/train.json")
+    assert (a.batching, a.full_finetune, a.lr) == ("groups", True, 5e-4)
+    a = train_reward.resolve_args(train_reward.parse(["--backbone", "toy", "--no-full-finetune", "--batching", "pairs"]))
+    assert (a.batching, a.full_finetune, a.lora_rank) == ("pairs", False, 8)
     a = train_reward.resolve_args(train_reward.parse(["--backbone", "toy", "--t-shift", "1", "--t-eval", "0.4", "--steps", "20000"]))
     assert (a.t_shift, a.t_eval, a.steps, a.lr_schedule) == (1.0, 0.4, 20000, "cosine")
     a = train_reward.resolve_args(train_reward.parse(["--backbone", "sd35m"]))
     assert (a.t_shift, a.t_eval, a.steps, a.lr_schedule, a.lora_rank) == (1.0, 0.4, 20000, "constant", 16)
     a = train_reward.resolve_args(train_reward.parse(["--backbone", "tiny"]))  # tests' backbone: DiNa's noise levels
-    assert (a.t_shift, a.t_eval, a.steps) == (1.0, 0.4, 600)
+    assert (a.t_shift, a.t_eval, a.steps, a.batching, a.full_finetune) == (1.0, 0.4, 600, "pairs", False)
 
 
 def test_cosine_lr_and_ema_warmup(hpdv3, tmp_path):
@@ -124,12 +155,14 @@ def test_cosine_lr_and_ema_warmup(hpdv3, tmp_path):
     assert [l["lr"] for l in log(out)] == pytest.approx([1e-3 * (1 + math.cos(math.pi * s / 6)) / 2 for s in range(6)])
 
 
-def test_world_size_invariance(hpdv3, tmp_path):
-    """torchrun with 2 CPU processes (gloo) gives the losses of 1 process at the same global batch."""
-    outs = {}
+@pytest.mark.parametrize("batching", ["pairs", "groups"])
+def test_world_size_invariance(hpdv3, pools, batching, tmp_path):
+    """torchrun with 2 CPU processes (gloo) gives the losses of 1 process at the same global batch; with
+    --batching groups on pools of 4 images (a micro-batch of 2 pairs' cost = one pool, 24 pairs a step) too."""
+    outs, d = {}, hpdv3 if batching == "pairs" else pools
     for n in (1, 2):
         out = tmp_path / f"w{n}"
-        args = common(hpdv3, out, "--steps", "4", "--micro-batch", "2", "--lr", "3e-3", "--warmup", "1",
+        args = common(d, out, "--steps", "4", "--micro-batch", "2", "--lr", "3e-3", "--warmup", "1", "--batching", batching,
                       "--cache-dir", str(tmp_path / f"cache{n}"))  # each world size encodes its own cache
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master-port", str(29500 + n),
                str(ROOT / "train_reward.py"), *args]
@@ -160,10 +193,11 @@ def test_world_size_invariance(hpdv3, tmp_path):
             assert d.max() < 1e-3 and (d > 2e-4).float().mean() < 1e-3, (k, d.max().item())
 
 
-def test_resume_equals_uninterrupted(hpdv3, tmp_path, monkeypatch):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    args = ["--steps", "7", "--lr", "3e-3", "--warmup", "3", "--lora-rank", "2"]
-    run(common(hpdv3, straight, *args))
+@pytest.mark.parametrize("batching", ["pairs", "groups"])
+def test_resume_equals_uninterrupted(hpdv3, pools, batching, tmp_path, monkeypatch):
+    straight, killed, d = tmp_path / "straight", tmp_path / "killed", hpdv3 if batching == "pairs" else pools
+    args = ["--steps", "7", "--lr", "3e-3", "--warmup", "3", "--lora-rank", "2", "--batching", batching]
+    run(common(d, straight, *args))
     # kill the second run at step 6 (after the checkpoint of step 4, with step 5 logged but not checkpointed)
     real_step, calls = torch.optim.AdamW.step, {"n": 0}
 
@@ -174,10 +208,10 @@ def test_resume_equals_uninterrupted(hpdv3, tmp_path, monkeypatch):
         return real_step(self, *a, **k)
     monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        run(common(hpdv3, killed, *args))
+        run(common(d, killed, *args))
     assert load_checkpoint(str(killed / "ckpt.safetensors"))[1]["step"] == 4
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    run(common(hpdv3, killed, *args, "--resume"))
+    run(common(d, killed, *args, "--resume"))
     a, b = (load_checkpoint(str(o / "ckpt.safetensors"))[0] for o in (straight, killed))
     assert set(a) == set(b)
     for k in a:
@@ -185,6 +219,60 @@ def test_resume_equals_uninterrupted(hpdv3, tmp_path, monkeypatch):
             torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
     assert [l["step"] for l in log(killed)] == list(range(1, 8))  # the lost step-5 line is not duplicated
     assert [l["loss"] for l in log(killed)] == [l["loss"] for l in log(straight)]
+
+
+def test_group_batches_cover_each_pair_once(pools, tmp_path):
+    """--batching groups: the plan's units are a prompt's pool (or pieces of one when it overflows a micro-batch),
+    every micro-batch fits 2 x micro images, and an epoch trains on each pair at most once (here: all of them)."""
+    import data
+    run(["--backbone", "tiny", "--data", str(pools / "train.json"), "--out", str(tmp_path / "o"), "--cache-only",
+         "--cache-dir", str(tmp_path)])
+    cache = data.PairCache(str(tmp_path / "train.cache-tiny"))
+    comps = cache.components()
+    assert sorted(map(sorted, comps)) == [list(range(6 * k, 6 * k + 6)) for k in range(8)]  # the 8 pools
+    images = lambda u: {k for i in u for k in (cache.pairs[i]["chosen"], cache.pairs[i]["rejected"])}
+    for micro, n_units in ((2, 1), (4, 2), (1, 3)):  # a pool of 4 images: whole (fits 4 or 8) or cut in pieces of <= 2
+        for epoch in range(3):
+            plan = train_reward.global_batches(cache, 8, micro, 0, epoch, groups=True)
+            seen = [i for gb in plan for m in gb for u in m for i in u]
+            assert len(seen) == len(set(seen)) and all(len(gb) == 8 // micro for gb in plan)
+            assert len(seen) == 48 if micro > 1 else len(seen) >= 24
+            for m in (m for gb in plan for m in gb):
+                assert sum(len(images(u)) for u in m) <= 2 * micro and all(len({cache.pairs[i]["prompt"] for i in u}) == 1 for u in m)
+            assert max(len(u) for gb in plan for m in gb for u in m) == (6 if micro > 1 else 1), micro
+    # pairs batching is the same plan as before groups existed: `micro` pairs per micro-batch, shuffled
+    plan = train_reward.global_batches(cache, 8, 2, 0, 0)
+    assert all(len(m) == 2 and all(len(u) == 1 for u in m) for gb in plan for m in gb) and len(plan) == 6
+
+
+def test_group_loss_is_the_mean_pair_loss(pools, tmp_path):
+    """One forward per image of a pool gives the loss of forwarding each pair on its own with the pool's t and
+    noise (seeded by the unit's first pair): grouping changes the cost, not the objective."""
+    import data
+    from model import add_noise, sample_t
+    run(["--backbone", "tiny", "--data", str(pools / "train.json"), "--out", str(tmp_path / "o"), "--cache-only",
+         "--cache-dir", str(tmp_path)])
+    cache = data.PairCache(str(tmp_path / "train.cache-tiny"))
+    args = train_reward.resolve_args(train_reward.parse(["--backbone", "tiny", "--data", "x.json"]))
+    model = build_reward_model("tiny", "dina", lora_rank=2, seed=0)
+    units = cache.components()[:2]
+    b = cache.group_batch(units)
+    assert len(b["lat"]) == 8 and len(b["pos"]) == 12  # 8 images forwarded for 12 pairs
+    t, eps = train_reward.unit_noise(args, 5, units, b)
+    with torch.no_grad():
+        r = model(add_noise(b["lat"], t, eps), t, b["prompt_embeds"], b["pooled"])
+        grouped = train_reward.pair_loss(args, r[b["pos"]], r[b["neg"]], t[b["pos"]], torch.ones(12))
+        losses = []
+        for u in units:
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + 5 * 100_003 + u[0])
+            tu = sample_t(1, args.t_sampling, g, args.t_mu, args.t_s, args.t_eval, args.t_shift)
+            eu = torch.randn(b["lat"].shape[1:], generator=g)
+            for i in u:
+                p = cache.pair(i)
+                x = add_noise(torch.stack([p["lat_pos"], p["lat_neg"]]), tu.repeat(2), torch.stack([eu, eu]))
+                rp, rn = model(x, tu.repeat(2), p["prompt_embeds"].expand(2, -1, -1), p["pooled"].expand(2, -1))
+                losses.append(train_reward.pair_loss(args, rp[None], rn[None], tu, torch.ones(1)))
+    torch.testing.assert_close(grouped, torch.stack(losses).mean(), atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
