@@ -73,7 +73,7 @@ parser.add_argument("--same-noise", type=int, default=None, help="1: chosen and 
 # optimisation
 parser.add_argument("--steps", type=int, default=20000)
 parser.add_argument("--global-batch", type=int, default=64, help="pairs per optimizer step, over all ranks")
-parser.add_argument("--micro-batch", type=int, default=None, help="pairs per forward on one rank (default: global / world)")
+parser.add_argument("--micro-batch", type=int, default=None, help="pairs (groups: 2x images) per forward on one rank (default: global / world)")
 parser.add_argument("--batching", default="pairs", help="pairs | groups: a step forwards 2 x --global-batch images, whole groups "
                     "of pairs sharing images (a prompt's pool), and trains on every pair among them (ours; the toy's default)")
 parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (ours)")
@@ -107,7 +107,7 @@ TOY_RECIPE = dict(steps=600, global_batch=32, lr=1e-3, warmup=50, lr_schedule="c
 # were tuned on SD3.5's 128x128 latents; SD3's resolution shift with s = sqrt(16*16 / (128*128)) = 1/8 maps them to
 # the same signal-to-noise at 16x16: t ~ shift_t(U(0,1), 1/8), t_eval = shift_t(0.4, 1/8) = 0.08 (README: measured
 # against the unshifted recipe, `--t-shift 1 --t-eval 0.4`). A step trains on every pair of the pools it forwards
-# (--batching groups); the 3.2M-parameter backbone is fully fine-tuned (README: LoRA, groups or pairs, learns less).
+# (--batching groups); its 4 kept blocks are fully fine-tuned, 3.2M parameters with the head (README: LoRA learns less).
 TOY_WORLD = dict(data="out/toy/train.json", eval_data="out/toy/test.json", t_shift=0.125, t_eval=0.08, batching="groups",
                  full_finetune=True, lr=5e-4)
 
