@@ -435,50 +435,40 @@ class PairCache:
                 "label": p["label"], "group": p["group"]}
 
     def batch(self, indices):
-        """-> dict of stacked (B, ...) tensors; all pairs must share one bucket."""
-        if len({tuple(self.pairs[i]["shape"]) for i in indices}) != 1:
-            raise ValueError(f"{self.dir}: batch {list(indices)[:8]} mixes buckets; batch within PairCache.buckets()")
-        items = [self.pair(i) for i in indices]
-        out = {k: torch.stack([it[k] for it in items]) for k in ("lat_pos", "lat_neg", "prompt_embeds", "pooled")}
-        return {**out, "label": torch.tensor([it["label"] for it in items], dtype=torch.float32),
-                "group": torch.tensor([it["group"] for it in items], dtype=torch.long)}
+        """-> dict of stacked (B, ...) tensors, one row per pair; all pairs must share one bucket."""
+        g = self.group_batch([[i] for i in indices])
+        return {"lat_pos": g["lat"][g["pos"]], "lat_neg": g["lat"][g["neg"]], "prompt_embeds": g["prompt_embeds"][g["pos"]],
+                "pooled": g["pooled"][g["pos"]], "label": g["label"],
+                "group": torch.tensor([self.pairs[i]["group"] for i in indices], dtype=torch.long)}
 
     def group_batch(self, units):
-        """units [[pair indices]] -> the distinct images of each unit, forwarded once however many of its pairs
-        they are in: lat (N,C,h,w), prompt_embeds (N,L,D), pooled (N,P), unit (N,) per image row; pos, neg (K,)
-        the rows of each pair's chosen and rejected image, label (K,). An image is a (latent, prompt) node."""
-        rows, img, pos, neg = {}, [], [], []
-        for u, ids in enumerate(units):
-            for i in ids:
-                p = self.pairs[i]
-                for side, key in ((pos, p["chosen"]), (neg, p["rejected"])):
-                    if (u, key, p["prompt"]) not in rows:
-                        rows[(u, key, p["prompt"])] = len(img)
-                        img.append((u, key, p["prompt"]))
-                    side.append(rows[(u, key, p["prompt"])])
+        """units [[pair indices]] -> each unit's distinct images (an image = a (latent, prompt) node), loaded once
+        however many of its pairs hold them: lat (N,C,h,w), prompt_embeds (N,L,D), pooled (N,P), unit (N,) per
+        image row; pos, neg (K,) the rows of each pair's chosen and rejected image; label (K,). One bucket only."""
         if len({tuple(self.pairs[i]["shape"]) for ids in units for i in ids}) != 1:
-            raise ValueError(f"{self.dir}: units {units[:4]} mix buckets; batch within PairCache.buckets()")
-        return {"lat": torch.stack([self.tensor(self.lat[k], k) for _, k, _ in img]),
-                "prompt_embeds": torch.stack([self.tensor(self.txt[q], q + ".embeds") for _, _, q in img]),
-                "pooled": torch.stack([self.tensor(self.txt[q], q + ".pooled") for _, _, q in img]),
-                "unit": torch.tensor([u for u, _, _ in img]), "pos": torch.tensor(pos), "neg": torch.tensor(neg),
+            raise ValueError(f"{self.dir}: batch {units[:4]} mixes buckets; batch within PairCache.buckets()")
+        rows, pos, neg = {}, [], []  # (unit, image key, prompt key) -> row, in insertion order
+        for u, i in ((u, i) for u, ids in enumerate(units) for i in ids):
+            p = self.pairs[i]
+            pos.append(rows.setdefault((u, p["chosen"], p["prompt"]), len(rows)))
+            neg.append(rows.setdefault((u, p["rejected"], p["prompt"]), len(rows)))
+        return {"lat": torch.stack([self.tensor(self.lat[k], k) for _, k, _ in rows]),
+                "prompt_embeds": torch.stack([self.tensor(self.txt[q], q + ".embeds") for _, _, q in rows]),
+                "pooled": torch.stack([self.tensor(self.txt[q], q + ".pooled") for _, _, q in rows]),
+                "unit": torch.tensor([u for u, _, _ in rows]), "pos": torch.tensor(pos), "neg": torch.tensor(neg),
                 "label": torch.tensor([self.pairs[i]["label"] for ids in units for i in ids], dtype=torch.float32)}
 
     def components(self):
-        """-> [[pair indices]]: the connected groups of the pair graph, whose nodes are (image, prompt): pairs
-        that share an image under the same prompt (a prompt's pool of candidates) fall in one group."""
-        parent = {}
+        """-> [[pair indices]]: the connected groups of the pair graph over (image, prompt) nodes: pairs that
+        share an image under one prompt (a prompt's pool of candidates) fall in one group."""
+        parent, node = {}, lambda i, side: (self.pairs[i][side], self.pairs[i]["prompt"])
 
         def find(x):
-            while parent.setdefault(x, x) != x:
-                parent[x] = x = parent[parent[x]]  # path halving
+            while parent.setdefault(x, x) != x: parent[x] = x = parent[parent[x]]  # path halving
             return x
-        for p in self.pairs:
-            a, b = find((p["chosen"], p["prompt"])), find((p["rejected"], p["prompt"]))
-            parent[a] = b
+        for i in range(len(self.pairs)): parent[find(node(i, "chosen"))] = find(node(i, "rejected"))
         out = {}
-        for i, p in enumerate(self.pairs):
-            out.setdefault(find((p["chosen"], p["prompt"])), []).append(i)
+        for i in range(len(self.pairs)): out.setdefault(find(node(i, "chosen")), []).append(i)
         return list(out.values())
 
     def buckets(self):
