@@ -1,6 +1,5 @@
-"""Data: the toy world, pair readers, resolution buckets and the latent cache (DESIGN.md 7, 8).
+"""Data: real-data pair readers, the accuracy protocol, resolution buckets and the latent cache (DESIGN.md 7).
 
-- Toy world: `render_toy`, `corrupt_toy`, the oracle `toy_golden_score`, raters `toy_annotate`.
 - Readers: every format -> canonical pairs {"prompt", "chosen", "rejected", "label", "group", "src"}, label =
   P(chosen wins), src = "file: record i" for errors; `read_benchmark`; the protocol `pairwise_accuracy`.
 - Cache: `build_cache` per rank (VAE / text encoders come in as callables: no diffusers here),
@@ -12,136 +11,14 @@ import hashlib
 import itertools
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
-
-# ----------------------------------------------------------------------------- toy world
-# Palettes chosen far apart in RGB (every colour >= 80 from every other colour and from
-# every background), so a nearest-colour read is unambiguous on clean renders.
-TOY_COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220),
-              "yellow": (240, 210, 30), "purple": (140, 40, 190), "orange": (245, 130, 20)}
-TOY_SHAPES = ("circle", "square", "triangle")
-TOY_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
-# (color, shape) combos never shown in training; each colour and shape still is.
-TOY_HELDOUT = (("red", "triangle"), ("green", "circle"), ("blue", "square"), ("orange", "triangle"), ("purple", "square"))
-TOY_CORRUPTIONS = ("blur", "noise", "contrast", "clip")
-_COL, _BGC = np.array(list(TOY_COLORS.values()), float), np.array(list(TOY_BACKGROUNDS.values()), float)
-_SHAPE_FILL = np.array([[0.78], [1.0], [0.53]])  # object area / bbox area, measured on renders
-_TOY_RE = re.compile(r"a (\w+) (\w+) on a (\w+) background")
-
-
-def toy_prompt(color, shape, background):
-    return f"a {color} {shape} on a {background} background"
-
-
-def parse_toy_prompt(prompt):
-    m = _TOY_RE.fullmatch(prompt.strip()) if isinstance(prompt, str) else None
-    if m is None or m[1] not in TOY_COLORS or m[2] not in TOY_SHAPES or m[3] not in TOY_BACKGROUNDS:
-        raise ValueError(f"not a toy prompt: {prompt!r}")
-    return m[1], m[2], m[3]
-
-
-def render_toy(color, shape, background, rng, size=32):
-    """One flat-coloured object (side 40-75% of the image) fully inside the frame, no AA."""
-    parse_toy_prompt(toy_prompt(color, shape, background))  # validates the three names
-    img = Image.new("RGB", (size, size), TOY_BACKGROUNDS[background])
-    s = int(rng.integers(round(0.4 * size), round(0.75 * size) + 1))  # object side, pixels
-    x, y = (int(v) for v in rng.integers(0, size - s + 1, size=2))
-    box, fill, draw = [x, y, x + s - 1, y + s - 1], TOY_COLORS[color], ImageDraw.Draw(img)
-    if shape == "circle": draw.ellipse(box, fill=fill)
-    elif shape == "square": draw.rectangle(box, fill=fill)
-    else: draw.polygon([(x + (s - 1) / 2, y), (x, y + s - 1), (x + s - 1, y + s - 1)], fill=fill)  # upright
-    return img
-
-
-_PIXEL_CORRUPTIONS = {  # (x (H,W,3) float 0..255, strength s, rng) -> x, clipped afterwards
-    "noise": lambda x, s, rng: x + np.kron(rng.normal(0.0, 60.0 * s, (-(-x.shape[0] // 4), -(-x.shape[1] // 4), 3)),
-                                           np.ones((4, 4, 1)))[:x.shape[0], :x.shape[1]],  # 4x4 cells: a 4x VAE keeps them
-    "contrast": lambda x, s, rng: 128.0 + (x - 128.0) * (1.0 - 0.8 * s),  # toward mid-gray
-    "clip": lambda x, s, rng: x * (1.0 + 1.5 * s) + 40.0 * s}  # over-exposure, then saturate
-
-
-def corrupt_toy(img, kind, strength, rng):
-    """The "aesthetic" axis: strength 0 = unchanged, 1 = severe."""
-    s = float(np.clip(strength, 0.0, 1.0))
-    if kind == "blur": return img.filter(ImageFilter.GaussianBlur(radius=2.0 * s))
-    if kind not in _PIXEL_CORRUPTIONS: raise ValueError(f"unknown corruption {kind!r}, not in {TOY_CORRUPTIONS}")
-    x = _PIXEL_CORRUPTIONS[kind](np.asarray(img, dtype=np.float32), s, rng)
-    return Image.fromarray(np.clip(x, 0, 255).round().astype(np.uint8))
-
-
-def _as_pixels(images):
-    """PIL list | uint8 (N,H,W,3) | float tensor/array (N,3,H,W) in [-1,1] -> (N,H,W,3) in 0..255."""
-    if isinstance(images, torch.Tensor): images = images.detach().float().cpu().numpy()
-    if isinstance(images, np.ndarray) and images.dtype != np.uint8 and images.ndim == 4 and images.shape[1] == 3:
-        return (np.clip(images.transpose(0, 2, 3, 1), -1, 1) * 127.5 + 127.5).astype(np.float32)
-    x = images if isinstance(images, np.ndarray) else np.stack([np.asarray(im.convert("RGB")) for im in images])
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"images must be PIL, uint8 (N,H,W,3) or float (N,3,H,W), got {x.dtype} {x.shape}")
-    return x.astype(np.float32)
-
-
-def _soft_pick(x, palette, sigma):
-    """x (N,K) features, palette (M,K) -> (N,M) softmax of -d^2 / 2 sigma^2."""
-    d2 = ((x[:, None, :] - palette[None]) ** 2).sum(-1) / (2 * sigma ** 2)
-    p = np.exp(-(d2 - d2.min(1, keepdims=True)))
-    return p / p.sum(1, keepdims=True)
-
-
-def toy_read(images):
-    """Pixels -> bg, fg (N,3) colours; fill (N,) object / bbox area; n_fg (N,) object pixels; resid (N,)
-    mean distance to the nearer of bg, fg (blur, noise); pal (N,) distance to the palettes (contrast, clip)."""
-    x = _as_pixels(images)  # (N,H,W,3)
-    n, h, w, _ = x.shape
-    # background = median of the border pixels (N,2H+2W,3): robust to an object touching it
-    bg = np.median(np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], 1), 1)
-    d = np.linalg.norm(x - bg[:, None, None], axis=-1)  # (N,H,W)
-    thr = np.maximum(30.0, 0.5 * np.percentile(d.reshape(n, -1), 99, axis=1))
-    m = d > thr[:, None, None]
-    # drop isolated specks (noise): keep pixels with >= 3 object pixels in their 3x3
-    mp = np.pad(m, ((0, 0), (1, 1), (1, 1))).astype(np.int8)
-    m = m & (sum(mp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) >= 3)
-    n_fg, rows, cols = m.sum((1, 2)), m.any(2), m.any(1)  # (N,), (N,H), (N,W)
-    hh, ww = (h - rows[:, ::-1].argmax(1)) - rows.argmax(1), (w - cols[:, ::-1].argmax(1)) - cols.argmax(1)
-    fill = np.where(n_fg > 0, n_fg / np.maximum(hh * ww, 1), 0.0)
-    fg = (x * m[..., None]).sum((1, 2)) / np.maximum(n_fg, 1)[:, None]  # mean object colour
-    fg = np.where(n_fg[:, None] > 0, fg, bg)  # no object: fg = bg
-    resid = np.minimum(d, np.linalg.norm(x - fg[:, None, None], axis=-1)).mean((1, 2))
-    pal = np.linalg.norm(fg[:, None] - _COL, axis=-1).min(1) + np.linalg.norm(bg[:, None] - _BGC, axis=-1).min(1)
-    return dict(bg=bg, fg=fg, fill=fill, n_fg=n_fg, resid=resid, pal=pal / 2)
-
-
-def toy_golden_score(images, prompts):
-    """Oracle in [0, 1], deterministic: 0.6 * fidelity + 0.4 * quality. fidelity = mean soft
-    probability (softmax over the palette of -distance^2) that the colour, shape and background
-    read off the pixels are the prompted ones; quality = exp(-resid / 15 - pal / 50), 1 when
-    clean. images: PIL list, uint8 (N,H,W,3) or float (N,3,H,W) in [-1, 1] (the VAE range)."""
-    r, attrs = toy_read(images), [parse_toy_prompt(p) for p in prompts]
-    if len(attrs) != len(r["bg"]): raise ValueError(f"{len(r['bg'])} images but {len(attrs)} prompts")
-    ci, si, bi = (np.array([list(names).index(a[j]) for a in attrs])
-                  for j, names in enumerate((TOY_COLORS, TOY_SHAPES, TOY_BACKGROUNDS)))
-    idx, has = np.arange(len(attrs)), r["n_fg"] >= 4  # no object -> no colour or shape credit
-    p_col = _soft_pick(r["fg"], _COL, 25.0)[idx, ci] * has
-    p_shp = _soft_pick(r["fill"][:, None], _SHAPE_FILL, 0.06)[idx, si] * has
-    p_bg = _soft_pick(r["bg"], _BGC, 25.0)[idx, bi]
-    fidelity = (p_col + p_shp + p_bg) / 3
-    quality = np.exp(-r["resid"] / 15.0 - r["pal"] / 50.0)
-    return np.clip(0.6 * fidelity + 0.4 * quality, 0.0, 1.0)
-
-
-def toy_annotate(score_a, score_b, n_raters, rng, noise=0.1):
-    """-> (N,) int, how many of n_raters Thurstone raters prefer a: iff score_a + noise*N(0,1) > score_b + noise*N(0,1)."""
-    a, b = np.asarray(score_a, float)[:, None], np.asarray(score_b, float)[:, None]
-    z = noise * rng.standard_normal((2, len(a), n_raters))
-    return (a + z[0] > b + z[1]).sum(1)
-
 
 # ----------------------------------------------------------------------------- readers
 FORMATS = ("hpdv3", "pickapic", "hpdv2", "imagereward", "genai", "jsonl")
@@ -164,7 +41,8 @@ def _load_records(path):
         recs = json.loads(text) if text.startswith("[") else [json.loads(ln) for ln in text.splitlines() if ln.strip()]
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON/JSONL: {e}") from None
-    if not isinstance(recs, list) or not recs: raise ValueError(f"{path}: empty file, or not a JSON array / JSONL of records")
+    if not isinstance(recs, list) or not recs:
+        raise ValueError(f"{path}: empty file, or not a JSON array / JSONL of records")
     return recs
 
 
@@ -182,7 +60,8 @@ def _read_parquet(path):
         for k in ("jpg_0", "jpg_1"):
             b = _field(r, k, bytes, f"{path}: record {i}")
             r[k] = os.path.join(img_dir, hashlib.sha1(b).hexdigest()[:20] + ".jpg")
-            if not os.path.exists(r[k]): _atomic(r[k], lambda tmp: Path(tmp).write_bytes(b))
+            if not os.path.exists(r[k]):
+                _atomic(r[k], lambda tmp: Path(tmp).write_bytes(b))
     return recs
 
 
@@ -191,7 +70,8 @@ def _pairs_from(fmt, recs, path, root):
     pairs, skip = [], {"skipped_ties": 0, "skipped_bothbad": 0}
     for i, rec in enumerate(recs):
         w, group, found = f"{path}: record {i}", None, []  # found: [(chosen, rejected, label)]
-        if not isinstance(rec, dict): raise ValueError(f"{w}: expected a JSON object, got {type(rec).__name__}")
+        if not isinstance(rec, dict):
+            raise ValueError(f"{w}: expected a JSON object, got {type(rec).__name__}")
         if fmt in ("hpdv2", "imagereward"):  # ranked group -> all pairs; annotator ties skipped
             ik, rk = ("image_path", "rank") if fmt == "hpdv2" else ("generations", "ranking")
             ims, rank, group = _field(rec, ik, list, w), _field(rec, rk, list, w), i
@@ -199,7 +79,8 @@ def _pairs_from(fmt, recs, path, root):
                     or not all(isinstance(x, str) and x for x in ims):
                 raise ValueError(f"{w}: {ik!r} (paths) and {rk!r} (numbers) must have equal length")
             for a, b in itertools.combinations(range(len(ims)), 2):
-                if rank[a] == rank[b]: skip["skipped_ties"] += 1
+                if rank[a] == rank[b]:
+                    skip["skipped_ties"] += 1
                 else:  # lower rank = better
                     found.append((ims[a], ims[b], 1.0) if rank[a] < rank[b] else (ims[b], ims[a], 1.0))
         elif fmt == "hpdv3":  # path1 is always preferred; choice_dist (and more) may be null
@@ -211,15 +92,20 @@ def _pairs_from(fmt, recs, path, root):
         elif fmt == "pickapic":  # label_0/label_1 = vote shares; 0.5/0.5 ties dropped
             l0, l1 = _field(rec, "label_0", (int, float), w), _field(rec, "label_1", (int, float), w)
             j0, j1 = _field(rec, "jpg_0", str, w), _field(rec, "jpg_1", str, w)
-            if l0 < 0 or l1 < 0 or l0 + l1 <= 0: raise ValueError(f"{w}: invalid labels {l0!r}, {l1!r}")
-            if l0 == l1: skip["skipped_ties"] += 1
-            else: found.append((j0, j1, l0 / (l0 + l1)) if l0 > l1 else (j1, j0, l1 / (l0 + l1)))
+            if l0 < 0 or l1 < 0 or l0 + l1 <= 0:
+                raise ValueError(f"{w}: invalid labels {l0!r}, {l1!r}")
+            if l0 == l1:
+                skip["skipped_ties"] += 1
+            else:
+                found.append((j0, j1, l0 / (l0 + l1)) if l0 > l1 else (j1, j0, l1 / (l0 + l1)))
         elif fmt == "genai":  # tie and both-bad votes are dropped, counted
             vote, lft, rgt = (_field(rec, k, str, w) for k in ("vote_type", "left_image", "right_image"))
-            if vote not in _VOTES: raise ValueError(f"{w}: unknown vote_type {vote!r}, expected one of {_VOTES}")
+            if vote not in _VOTES:
+                raise ValueError(f"{w}: unknown vote_type {vote!r}, expected one of {_VOTES}")
             if vote in ("leftvote", "rightvote"):
                 found.append((lft, rgt, 1.0) if vote == "leftvote" else (rgt, lft, 1.0))
-            else: skip["skipped_ties" if vote == "tievote" else "skipped_bothbad"] += 1
+            else:
+                skip["skipped_ties" if vote == "tievote" else "skipped_bothbad"] += 1
         else:  # canonical JSONL: label optional (1.0), group optional
             label, group = rec.get("label", 1.0), rec.get("group")
             if not isinstance(label, (int, float)) or isinstance(label, bool) or not 0 <= label <= 1:
@@ -230,7 +116,8 @@ def _pairs_from(fmt, recs, path, root):
                    os.path.normpath(os.path.join(root, r)), "label": float(lab), "group": group, "src": w}
                   for c, r, lab in found]
     groups = {}  # pairwise formats: group = index of the prompt (for per-prompt means)
-    for p in pairs: p["group"] = groups.setdefault(p["prompt"], len(groups)) if p["group"] is None else p["group"]
+    for p in pairs:
+        p["group"] = groups.setdefault(p["prompt"], len(groups)) if p["group"] is None else p["group"]
     return pairs, skip
 
 
@@ -238,7 +125,8 @@ def read_benchmark(path, fmt=None, image_root=None):
     """Any supported file -> (canonical pairs, info). fmt in FORMATS or None = auto-detect
     (.parquet, else the keys of record 0). Relative image paths are joined to image_root
     (default: the file's folder). info: file, format, records, pairs, skipped counts."""
-    if fmt is not None and fmt not in FORMATS: raise ValueError(f"{path}: unknown format {fmt!r}, expected one of {FORMATS}")
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"{path}: unknown format {fmt!r}, expected one of {FORMATS}")
     recs = _read_parquet(path) if path.endswith(".parquet") else _load_records(path)
     keys = recs[0] if isinstance(recs[0], dict) else {}  # auto-detect from the keys of record 0
     fmt = fmt or next((f for k, f in _SIGNATURE.items() if k in keys), None)
@@ -251,7 +139,8 @@ def read_benchmark(path, fmt=None, image_root=None):
 def read_pairs(path, image_root=None, fmt=None):
     """Training pairs from any supported file; skipped ties are counted and printed."""
     pairs, info = read_benchmark(path, fmt, image_root)
-    if info["skipped_ties"] or info["skipped_bothbad"]: print(", ".join(f"{k}: {v}" for k, v in info.items()))
+    if info["skipped_ties"] or info["skipped_bothbad"]:
+        print(", ".join(f"{k}: {v}" for k, v in info.items()))
     return pairs
 
 
@@ -259,7 +148,8 @@ def pairwise_accuracy(r_pos, r_neg, groups):
     """The protocol (DESIGN.md 7): correct iff r_pos > r_neg strictly (model ties are wrong), pooled over pairs;
     per_prompt_acc = the mean over groups of each group's accuracy. -> dict(acc, per_prompt_acc, pairs, prompts)"""
     ok, g = np.asarray(r_pos, float) > np.asarray(r_neg, float), np.asarray(groups)
-    if ok.ndim != 1 or not len(ok) or g.shape != ok.shape: raise ValueError(f"need N>0 scores, groups: {ok.shape} {g.shape}")
+    if ok.ndim != 1 or not len(ok) or g.shape != ok.shape:
+        raise ValueError(f"need N>0 scores, groups: {ok.shape} {g.shape}")
     per = [ok[g == k].mean() for k in np.unique(g)]
     return dict(acc=float(ok.mean()), per_prompt_acc=float(np.mean(per)), pairs=len(ok), prompts=len(per))
 
@@ -267,9 +157,11 @@ def pairwise_accuracy(r_pos, r_neg, groups):
 def load_image(path, record_desc=""):
     """-> RGB PIL image; a missing or corrupt file is a one-line error naming it and the record."""
     where = f" ({record_desc})" if record_desc else ""
-    if not os.path.isfile(path): raise FileNotFoundError(f"{path}: image not found{where}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: image not found{where}")
     try:
-        with Image.open(path) as im: return im.convert("RGB")
+        with Image.open(path) as im:
+            return im.convert("RGB")
     except Exception as e:  # PIL raises many types on bad files
         raise ValueError(f"{path}: corrupt image{where}: {type(e).__name__}: {e}".splitlines()[0]) from None
 
@@ -329,7 +221,8 @@ def build_cache(pairs, image_root, out_dir, encode_images, encode_prompts, bucke
     os.makedirs(out_dir, exist_ok=True)
     src = {}  # unique image path -> first record that uses it (for error messages)
     for p in pairs:
-        for k in ("chosen", "rejected"): src.setdefault(os.path.join(image_root or "", p[k]), p.get("src", "pair"))
+        for k in ("chosen", "rejected"):
+            src.setdefault(os.path.join(image_root or "", p[k]), p.get("src", "pair"))
     images, prompts = sorted(src)[rank::world_size], sorted({p["prompt"] for p in pairs})[rank::world_size]
     meta = {"latents": {}, "text": {}, "shapes": {}, "bad": {}, "dtype": str(dtype).split(".")[-1]}
     buf, pending = {"latents": {}, "text": {}}, {}  # tensors not yet on disk; bucket -> items
@@ -354,13 +247,16 @@ def build_cache(pairs, image_root, out_dir, encode_images, encode_prompts, bucke
         try:
             img = load_image(p, src[p])
         except (FileNotFoundError, ValueError) as e:
-            if not skip_bad: raise
+            if not skip_bad:
+                raise
             meta["bad"][p] = str(e)
             continue
         b = tuple(nearest_bucket(*img.size, buckets))
         pending.setdefault(b, []).append((p, to_bucket(img, b)))
-        if len(pending[b]) == batch_size: encode(pending.pop(b))
-    for items in pending.values(): encode(items)
+        if len(pending[b]) == batch_size:
+            encode(pending.pop(b))
+    for items in pending.values():
+        encode(items)
     flush("latents", force=True)
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i:i + batch_size]
@@ -386,24 +282,29 @@ def finalize_cache(out_dir, pairs, world_size, image_root=None):
     Pairs with a bad image or with two images in different buckets are dropped, counted."""
     shards = [os.path.join(out_dir, f"shard_{r:03d}.json") for r in range(world_size)]
     for f in shards:
-        if not os.path.isfile(f): raise FileNotFoundError(f"{f}: missing; did every rank finish build_cache?")
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{f}: missing; did every rank finish build_cache?")
     metas = [json.loads(Path(f).read_text()) for f in shards]
     m = {k: {kk: v for mm in metas for kk, v in mm[k].items()} for k in ("latents", "text", "shapes", "bad")}
     out, groups, n_bad, n_mixed = [], {}, 0, 0
     for p in pairs:
         c, r = (os.path.join(image_root or "", p[k]) for k in ("chosen", "rejected"))
         (kc, kr), kp = (cache_key(c), cache_key(r)), cache_key(p["prompt"])
-        if c in m["bad"] or r in m["bad"]: n_bad += 1
+        if c in m["bad"] or r in m["bad"]:
+            n_bad += 1
         elif kc not in m["latents"] or kr not in m["latents"] or kp not in m["text"]:
             raise ValueError(f"{out_dir}: {p.get('src', p['prompt'])} is not cached; same pairs on every rank?")
-        elif m["shapes"][kc] != m["shapes"][kr]: n_mixed += 1
+        elif m["shapes"][kc] != m["shapes"][kr]:
+            n_mixed += 1
         else:  # group renumbered 0..G-1 by first appearance
             out.append({"prompt": kp, "chosen": kc, "rejected": kr, "label": float(p.get("label", 1.0)),
                         "group": groups.setdefault(p["prompt"] if p.get("group") is None else p["group"], len(groups)),
                         "shape": m["shapes"][kc], "prompt_text": p["prompt"], "src": p.get("src")})
     msg = f"{out_dir}: dropped {n_bad} pairs with unreadable images, {n_mixed} with images in two buckets"
-    if not out: raise ValueError(msg + ", none left")
-    if n_bad or n_mixed: print(msg)
+    if not out:
+        raise ValueError(msg + ", none left")
+    if n_bad or n_mixed:
+        print(msg)
     index = {"dtype": metas[0]["dtype"], "latents": m["latents"], "text": m["text"], "pairs": out}
     _atomic(os.path.join(out_dir, "index.json"), lambda tmp: Path(tmp).write_text(json.dumps(index)))
     return {"pairs": len(out), "dropped_bad_image": n_bad, "dropped_mixed_bucket": n_mixed}
@@ -420,7 +321,8 @@ class PairCache:
                 raise ValueError(f"{os.path.join(out_dir, self.lat[p['chosen']])}: key {p['chosen']}: latents "
                                  f"have {p['shape'][0]} channels, expected {latent_channels}")
 
-    def __len__(self): return len(self.pairs)
+    def __len__(self):
+        return len(self.pairs)
 
     def tensor(self, name, key):  # one tensor from a shard file, opened lazily
         f = os.path.join(self.dir, name)
@@ -461,18 +363,23 @@ class PairCache:
     def components(self):
         """-> [[pair indices]]: the connected groups of the pair graph over (image, prompt) nodes: pairs that
         share an image under one prompt (a prompt's pool of candidates) fall in one group."""
-        parent, node = {}, lambda i, side: (self.pairs[i][side], self.pairs[i]["prompt"])
+        parent = {}  # union-find over the (image, prompt) nodes
+        node = lambda i, side: (self.pairs[i][side], self.pairs[i]["prompt"])
 
         def find(x):
-            while parent.setdefault(x, x) != x: parent[x] = x = parent[parent[x]]  # path halving
+            while parent.setdefault(x, x) != x:
+                parent[x] = x = parent[parent[x]]  # path halving
             return x
-        for i in range(len(self.pairs)): parent[find(node(i, "chosen"))] = find(node(i, "rejected"))
+        for i in range(len(self.pairs)):
+            parent[find(node(i, "chosen"))] = find(node(i, "rejected"))
         out = {}
-        for i in range(len(self.pairs)): out.setdefault(find(node(i, "chosen")), []).append(i)
+        for i in range(len(self.pairs)):
+            out.setdefault(find(node(i, "chosen")), []).append(i)
         return list(out.values())
 
     def buckets(self):
         """-> {"CxHxW": [pair indices]}, so the trainer never mixes buckets in a batch."""
         out = {}
-        for i, p in enumerate(self.pairs): out.setdefault("x".join(map(str, p["shape"])), []).append(i)
+        for i, p in enumerate(self.pairs):
+            out.setdefault("x".join(map(str, p["shape"])), []).append(i)
         return out

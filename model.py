@@ -110,7 +110,7 @@ def make_tiny_pipeline(seed=0, size="tiny"):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     tiny = size == "tiny"
-    from data import TOY_BACKGROUNDS, TOY_COLORS, TOY_SHAPES
+    from toy import TOY_BACKGROUNDS, TOY_COLORS, TOY_SHAPES  # here, not at the top: toy.py imports model
     words = ["a", "on", "background", *TOY_COLORS, *TOY_SHAPES, *TOY_BACKGROUNDS]  # the toy prompts' words
     tokenizer = write_word_tokenizer(tempfile.mkdtemp(prefix="toy_tokenizer_"), words)
     torch.manual_seed(seed)

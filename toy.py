@@ -35,19 +35,147 @@ import copy
 import itertools
 import json
 import os
+import re
 import shutil
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from data import (TOY_BACKGROUNDS, TOY_COLORS, TOY_CORRUPTIONS, TOY_HELDOUT, TOY_SHAPES, corrupt_toy,
-                  parse_toy_prompt, render_toy, toy_annotate, toy_golden_score, toy_prompt)
 from model import make_tiny_pipeline
 
+# ----------------------------------------------------------------------------- the world: prompts, renderer, corruptions, oracle, annotators
+# Palettes chosen far apart in RGB (every colour >= 80 from every other colour and from
+# every background), so a nearest-colour read is unambiguous on clean renders.
+TOY_COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220),
+              "yellow": (240, 210, 30), "purple": (140, 40, 190), "orange": (245, 130, 20)}
+TOY_SHAPES = ("circle", "square", "triangle")
+TOY_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+# (color, shape) combos never shown in training; each colour and shape still is.
+TOY_HELDOUT = (("red", "triangle"), ("green", "circle"), ("blue", "square"), ("orange", "triangle"), ("purple", "square"))
+TOY_CORRUPTIONS = ("blur", "noise", "contrast", "clip")
+_COL, _BGC = np.array(list(TOY_COLORS.values()), float), np.array(list(TOY_BACKGROUNDS.values()), float)
+_SHAPE_FILL = np.array([[0.78], [1.0], [0.53]])  # object area / bbox area, measured on renders
+_TOY_RE = re.compile(r"a (\w+) (\w+) on a (\w+) background")
+
+
+def toy_prompt(color, shape, background):
+    return f"a {color} {shape} on a {background} background"
+
+
+def parse_toy_prompt(prompt):
+    m = _TOY_RE.fullmatch(prompt.strip()) if isinstance(prompt, str) else None
+    if m is None or m[1] not in TOY_COLORS or m[2] not in TOY_SHAPES or m[3] not in TOY_BACKGROUNDS:
+        raise ValueError(f"not a toy prompt: {prompt!r}")
+    return m[1], m[2], m[3]
+
+
+def render_toy(color, shape, background, rng, size=32):
+    """One flat-coloured object (side 40-75% of the image) fully inside the frame, no AA."""
+    parse_toy_prompt(toy_prompt(color, shape, background))  # validates the three names
+    img = Image.new("RGB", (size, size), TOY_BACKGROUNDS[background])
+    s = int(rng.integers(round(0.4 * size), round(0.75 * size) + 1))  # object side, pixels
+    x, y = (int(v) for v in rng.integers(0, size - s + 1, size=2))
+    box, fill, draw = [x, y, x + s - 1, y + s - 1], TOY_COLORS[color], ImageDraw.Draw(img)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:  # an upright triangle
+        draw.polygon([(x + (s - 1) / 2, y), (x, y + s - 1), (x + s - 1, y + s - 1)], fill=fill)
+    return img
+
+
+_PIXEL_CORRUPTIONS = {  # (x (H,W,3) float 0..255, strength s, rng) -> x, clipped afterwards
+    "noise": lambda x, s, rng: x + np.kron(rng.normal(0.0, 60.0 * s, (-(-x.shape[0] // 4), -(-x.shape[1] // 4), 3)),
+                                           np.ones((4, 4, 1)))[:x.shape[0], :x.shape[1]],  # 4x4 cells: a 4x VAE keeps them
+    "contrast": lambda x, s, rng: 128.0 + (x - 128.0) * (1.0 - 0.8 * s),  # toward mid-gray
+    "clip": lambda x, s, rng: x * (1.0 + 1.5 * s) + 40.0 * s}  # over-exposure, then saturate
+
+
+def corrupt_toy(img, kind, strength, rng):
+    """The "aesthetic" axis: strength 0 = unchanged, 1 = severe."""
+    s = float(np.clip(strength, 0.0, 1.0))
+    if kind == "blur":
+        return img.filter(ImageFilter.GaussianBlur(radius=2.0 * s))
+    if kind not in _PIXEL_CORRUPTIONS:
+        raise ValueError(f"unknown corruption {kind!r}, not in {TOY_CORRUPTIONS}")
+    x = _PIXEL_CORRUPTIONS[kind](np.asarray(img, dtype=np.float32), s, rng)
+    return Image.fromarray(np.clip(x, 0, 255).round().astype(np.uint8))
+
+
+def _as_pixels(images):
+    """PIL list | uint8 (N,H,W,3) | float tensor/array (N,3,H,W) in [-1,1] -> (N,H,W,3) in 0..255."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().float().cpu().numpy()
+    if isinstance(images, np.ndarray) and images.dtype != np.uint8 and images.ndim == 4 and images.shape[1] == 3:
+        return (np.clip(images.transpose(0, 2, 3, 1), -1, 1) * 127.5 + 127.5).astype(np.float32)
+    x = images if isinstance(images, np.ndarray) else np.stack([np.asarray(im.convert("RGB")) for im in images])
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"images must be PIL, uint8 (N,H,W,3) or float (N,3,H,W), got {x.dtype} {x.shape}")
+    return x.astype(np.float32)
+
+
+def _soft_pick(x, palette, sigma):
+    """x (N,K) features, palette (M,K) -> (N,M) softmax of -d^2 / 2 sigma^2."""
+    d2 = ((x[:, None, :] - palette[None]) ** 2).sum(-1) / (2 * sigma ** 2)
+    p = np.exp(-(d2 - d2.min(1, keepdims=True)))
+    return p / p.sum(1, keepdims=True)
+
+
+def toy_read(images):
+    """Pixels -> bg, fg (N,3) colours; fill (N,) object / bbox area; n_fg (N,) object pixels; resid (N,)
+    mean distance to the nearer of bg, fg (blur, noise); pal (N,) distance to the palettes (contrast, clip)."""
+    x = _as_pixels(images)  # (N,H,W,3)
+    n, h, w, _ = x.shape
+    # background = median of the border pixels (N,2H+2W,3): robust to an object touching it
+    bg = np.median(np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], 1), 1)
+    d = np.linalg.norm(x - bg[:, None, None], axis=-1)  # (N,H,W)
+    thr = np.maximum(30.0, 0.5 * np.percentile(d.reshape(n, -1), 99, axis=1))
+    m = d > thr[:, None, None]
+    # drop isolated specks (noise): keep pixels with >= 3 object pixels in their 3x3
+    mp = np.pad(m, ((0, 0), (1, 1), (1, 1))).astype(np.int8)
+    m = m & (sum(mp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) >= 3)
+    n_fg, rows, cols = m.sum((1, 2)), m.any(2), m.any(1)  # (N,), (N,H), (N,W)
+    hh, ww = (h - rows[:, ::-1].argmax(1)) - rows.argmax(1), (w - cols[:, ::-1].argmax(1)) - cols.argmax(1)
+    fill = np.where(n_fg > 0, n_fg / np.maximum(hh * ww, 1), 0.0)
+    fg = (x * m[..., None]).sum((1, 2)) / np.maximum(n_fg, 1)[:, None]  # mean object colour
+    fg = np.where(n_fg[:, None] > 0, fg, bg)  # no object: fg = bg
+    resid = np.minimum(d, np.linalg.norm(x - fg[:, None, None], axis=-1)).mean((1, 2))
+    pal = np.linalg.norm(fg[:, None] - _COL, axis=-1).min(1) + np.linalg.norm(bg[:, None] - _BGC, axis=-1).min(1)
+    return dict(bg=bg, fg=fg, fill=fill, n_fg=n_fg, resid=resid, pal=pal / 2)
+
+
+def toy_golden_score(images, prompts):
+    """Oracle in [0, 1], deterministic: 0.6 * fidelity + 0.4 * quality. fidelity = mean soft
+    probability (softmax over the palette of -distance^2) that the colour, shape and background
+    read off the pixels are the prompted ones; quality = exp(-resid / 15 - pal / 50), 1 when
+    clean. images: PIL list, uint8 (N,H,W,3) or float (N,3,H,W) in [-1, 1] (the VAE range)."""
+    r, attrs = toy_read(images), [parse_toy_prompt(p) for p in prompts]
+    if len(attrs) != len(r["bg"]):
+        raise ValueError(f"{len(r['bg'])} images but {len(attrs)} prompts")
+    ci, si, bi = (np.array([list(names).index(a[j]) for a in attrs])
+                  for j, names in enumerate((TOY_COLORS, TOY_SHAPES, TOY_BACKGROUNDS)))
+    idx, has = np.arange(len(attrs)), r["n_fg"] >= 4  # no object -> no colour or shape credit
+    p_col = _soft_pick(r["fg"], _COL, 25.0)[idx, ci] * has
+    p_shp = _soft_pick(r["fill"][:, None], _SHAPE_FILL, 0.06)[idx, si] * has
+    p_bg = _soft_pick(r["bg"], _BGC, 25.0)[idx, bi]
+    fidelity = (p_col + p_shp + p_bg) / 3
+    quality = np.exp(-r["resid"] / 15.0 - r["pal"] / 50.0)
+    return np.clip(0.6 * fidelity + 0.4 * quality, 0.0, 1.0)
+
+
+def toy_annotate(score_a, score_b, n_raters, rng, noise=0.1):
+    """-> (N,) int, how many of n_raters Thurstone raters prefer a: iff score_a + noise*N(0,1) > score_b + noise*N(0,1)."""
+    a, b = np.asarray(score_a, float)[:, None], np.asarray(score_b, float)[:, None]
+    z = noise * rng.standard_normal((2, len(a), n_raters))
+    return (a + z[0] > b + z[1]).sum(1)
+
+
+# ----------------------------------------------------------------------------- the build's flags
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # output
 parser.add_argument("--out", default="out/toy")

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import TOY_HELDOUT, parse_toy_prompt  # noqa: E402
+from toy import TOY_HELDOUT, parse_toy_prompt  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("scores", help="scores.jsonl of eval_reward.py (its hpdv3 rows) or of scripts/probe_latents.py")

@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-from data import TOY_BACKGROUNDS, TOY_COLORS, TOY_HELDOUT, TOY_SHAPES, parse_toy_prompt, toy_prompt  # noqa: E402
 from model import add_noise, load_reward_model, prompt_noise  # noqa: E402
+from toy import TOY_BACKGROUNDS, TOY_COLORS, TOY_HELDOUT, TOY_SHAPES, parse_toy_prompt, toy_prompt  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("ckpt", help="checkpoint folder (or .safetensors) of a toy reward model")

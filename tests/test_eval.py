@@ -14,8 +14,8 @@ from PIL import Image
 
 import data
 import eval_reward
-from data import corrupt_toy, render_toy, toy_prompt
 from model import build_reward_model, prompt_noise, save_checkpoint, trainable_state
+from toy import corrupt_toy, render_toy, toy_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 P1, P2 = toy_prompt("red", "circle", "white"), toy_prompt("blue", "square", "black")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import train_reward
-from data import corrupt_toy, render_toy, toy_prompt
 from model import build_reward_model, load_checkpoint, load_reward_model, prompt_noise, trainable_state
+from toy import corrupt_toy, render_toy, toy_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
