@@ -360,6 +360,20 @@ class PairCache:
                 "unit": torch.tensor([u for u, _, _ in rows]), "pos": torch.tensor(pos), "neg": torch.tensor(neg),
                 "label": torch.tensor([self.pairs[i]["label"] for ids in units for i in ids], dtype=torch.float32)}
 
+    def images(self):
+        """Every (image key, prompt key) of the pairs once, by latent shape: {shape: [items]} (scoring unique images)."""
+        items = {(p[k], p["prompt"]): tuple(p["shape"]) for p in self.pairs for k in ("chosen", "rejected")}
+        out = {}
+        for it, shape in sorted(items.items()):
+            out.setdefault(shape, []).append(it)
+        return out
+
+    def image_batch(self, items):
+        """[(image key, prompt key)] of one shape -> lat (B,C,h,w), prompt_embeds (B,L,D), pooled (B,P)."""
+        return (torch.stack([self.tensor(self.lat[k], k) for k, _ in items]),
+                torch.stack([self.tensor(self.txt[q], q + ".embeds") for _, q in items]),
+                torch.stack([self.tensor(self.txt[q], q + ".pooled") for _, q in items]))
+
     def components(self):
         """-> [[pair indices]]: the connected groups of the pair graph over (image, prompt) nodes: pairs that
         share an image under one prompt (a prompt's pool of candidates) fall in one group."""

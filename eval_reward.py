@@ -3,7 +3,7 @@ Evaluate a reward model: pairwise accuracy on preference benchmarks, noise-level
 ensembling, decision uncertainty, and scoring your own images.
 
 One process (torchrun is not needed: scoring a benchmark is small next to training):
-    python eval_reward.py --ckpt out/reward-toy-dina                 # the five toy benchmarks at t = t_eval
+    python eval_reward.py --ckpt out/reward-toy-dina                 # the six toy benchmarks at t = t_eval
     python eval_reward.py --ckpt out/reward-toy-dina --sweep-t       # accuracy vs t = 0.0..0.9 + sweep_t.png
     python eval_reward.py --ckpt out/reward-toy-dina --ensemble 0.2,0.5,0.7 --uncertainty 8
     python eval_reward.py --ckpt out/reward-sd35m-dina --bench hpdv3/test=/data/HPDv3/test.json \
@@ -56,7 +56,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter
 parser.add_argument("--ckpt", required=True, help="checkpoint file, or the folder holding ckpt.safetensors")
 parser.add_argument("--head", default=None, help="require this head (dina | drm | ditr): clear error on a mismatch")
 parser.add_argument("--backbone", default=None, help="require this backbone (tiny | toy | sd35m | sd35l)")
-# benchmarks (default for the toy backbone: the five toy benchmarks in out/toy)
+# benchmarks (default for the toy backbone: the six toy benchmarks in out/toy)
 parser.add_argument("--bench", action="append", default=None, metavar="NAME[/SPLIT]=PATH",
                     help="benchmark file in any format of DESIGN.md 7 (auto-detected); repeatable")
 parser.add_argument("--image-root", default=None, help="root of the image paths (default: each file's folder)")
@@ -80,7 +80,8 @@ parser.add_argument("images", nargs="*", help="image files scored with --prompt"
 TOY_DIR = "out/toy"  # every path in the toy benchmark files is relative to it (toy.py)
 TOY_BENCH = [("hpdv3", "test", "test.json"), ("hpdv2", "test", "bench/hpdv2_test.json"),
              ("imagereward", "test", "bench/imagereward_test.json"), ("genai-bench", "test", "bench/genai_bench.jsonl"),
-             ("pickapic", "test", "bench/pickapic_test.jsonl")]
+             ("pickapic", "test", "bench/pickapic_test.jsonl"),
+             ("generated", "test", "bench/generated.json")]  # on-policy: K samples of the toy generator per prompt, ranked
 
 # ----------------------------------------------------------------------------- pure helpers
 
@@ -91,7 +92,7 @@ def ckpt_file(path):
 
 def parse_benches(specs, image_root, backbone, toy_dir=TOY_DIR):
     """--bench NAME[/SPLIT]=PATH list -> [(name, split, path, image_root)]; none given on the toy backbone:
-    the five toy benchmarks (split defaults to the file's stem)."""
+    the six toy benchmarks (split defaults to the file's stem)."""
     if not specs:
         if backbone != "toy":
             raise ValueError("no --bench NAME=PATH given (the toy benchmarks are the default only for backbone toy)")
@@ -109,15 +110,6 @@ def parse_benches(specs, image_root, backbone, toy_dir=TOY_DIR):
         if not name:
             raise ValueError(f"--bench {spec!r}: expected NAME[/SPLIT]=PATH with a non-empty NAME")
         out.append((name, split or os.path.splitext(os.path.basename(path))[0], path, image_root))
-    return out
-
-
-def unique_items(cache):
-    """Every (image key, prompt key) of a cache once, grouped by latent shape: {shape: [items]}."""
-    items = {(p[k], p["prompt"]): tuple(p["shape"]) for p in cache.pairs for k in ("chosen", "rejected")}
-    out = {}
-    for it, shape in sorted(items.items()):
-        out.setdefault(shape, []).append(it)
     return out
 
 
@@ -239,12 +231,10 @@ class Scorer:
     def score_cache(self, cache, ts=None, rep=0, batch=32):
         """Every unique (image, prompt) of a data.PairCache scored once -> {(image key, prompt key): score}."""
         out = {}
-        for shape, items in unique_items(cache).items():
+        for shape, items in cache.images().items():
             for i in range(0, len(items), batch):
                 chunk = items[i:i + batch]
-                lat = torch.stack([cache.tensor(cache.lat[k], k) for k, _ in chunk])  # (B,C,h,w)
-                pe = torch.stack([cache.tensor(cache.txt[q], q + ".embeds") for _, q in chunk])  # (B,L,D)
-                pooled = torch.stack([cache.tensor(cache.txt[q], q + ".pooled") for _, q in chunk])  # (B,P)
+                lat, pe, pooled = cache.image_batch(chunk)  # (B,C,h,w), (B,L,D), (B,P)
                 eps = torch.stack([prompt_noise(self.seed, q, rep, shape) for _, q in chunk])
                 out.update(zip(chunk, self.score_latents(lat, eps, pe, pooled, ts).tolist()))
         return out

@@ -126,7 +126,8 @@ def make_tiny_pipeline(seed=0, size="tiny"):
         attention_head_dim=width // heads, num_attention_heads=heads, joint_attention_dim=2 * h,
         caption_projection_dim=width, pooled_projection_dim=2 * h, out_channels=4, pos_embed_max_size=16,
         dual_attention_layers=(0, 1), qk_norm="rms_norm")  # dual attention + RMS qk-norm: the SD3.5 path
-    ch = (8, 16, 16) if tiny else (32, 64)  # len(ch) - 1 stride-2 downsamplings
+    ch = (8, 16, 16) if tiny else (32, 32)  # len(ch) - 1 stride-2 downsamplings (toy: 32 at 16x16 too, as good as 64
+    # there and half the VAE's training time: L1 0.020 vs 0.019, the oracle reads 97% of reconstructions either way)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(ch),
                         up_block_types=("UpDecoderBlock2D",) * len(ch), block_out_channels=ch, layers_per_block=1,
                         latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.0, scaling_factor=1.0)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from model import make_tiny_pipeline
@@ -184,7 +185,7 @@ parser.add_argument("--small", action="store_true", help="miniature world for te
 # renders (the generator's training set)
 parser.add_argument("--renders-per-prompt", type=int, default=64)
 # VAE: L1 + L2 reconstruction + a small KL
-parser.add_argument("--vae-steps", type=int, default=500)
+parser.add_argument("--vae-steps", type=int, default=400)
 parser.add_argument("--vae-batch", type=int, default=32)
 parser.add_argument("--vae-lr", type=float, default=2e-3)
 parser.add_argument("--kl-weight", type=float, default=1e-6)
@@ -197,11 +198,18 @@ parser.add_argument("--warmup", type=int, default=50)
 parser.add_argument("--p-uncond", type=float, default=0.1)
 parser.add_argument("--ema", type=float, default=0.99)
 # sampling with the pipeline itself
-parser.add_argument("--sample-steps", type=int, default=12)
+parser.add_argument("--sample-steps", type=int, default=10, help="Flow-GRPO's 10 steps: the samples an alignment stage draws")
 parser.add_argument("--cfg", type=float, default=4.0)
 parser.add_argument("--gen-per-prompt", type=int, default=3, help="generator samples in each test prompt's pool")
-parser.add_argument("--train-gen-per-prompt", type=int, default=16, help="generator samples per training prompt, "
-                    "spread over its pools")
+parser.add_argument("--train-gen-per-prompt", type=int, default=0, help="generator samples per training prompt, "
+                    "spread over its mixed pools (the previous world: 16)")
+parser.add_argument("--onpolicy-per-prompt", type=int, default=16, help="generator samples per training prompt in an "
+                    "on-policy pool of their own with 2 renders and 4 corrupted ones, ranked whole (HPDv3: generated "
+                    "images of one prompt, and real ones, compared with each other)")
+parser.add_argument("--bench-per-prompt", type=int, default=16, help="K of bench/generated.json: samples from fresh seeds "
+                    "per training prompt and per held-out combination, ranked by the oracle")
+parser.add_argument("--reuse-pipeline", default=None, help="load the VAE and generator of a built world (its pipeline/) "
+                    "instead of training them: rebuilds only the data (equal to a full build of that seed)")
 parser.add_argument("--train-wrong", type=int, default=1, help="wrong-attribute renders per attribute in each training pool")
 # preference pairs (HPDv3) and benchmarks
 parser.add_argument("--train-pools", type=int, default=8, help="candidate pools per training prompt (image diversity); "
@@ -216,7 +224,7 @@ parser.add_argument("--tie-margin", type=float, default=0.05, help="oracle gap b
 parser.add_argument("--bothbad", type=float, default=0.5, help="GenAI-Bench: both oracle scores below -> bothbad_vote")
 parser.add_argument("--n-bench", type=int, default=300, help="pairs in each pairwise benchmark")
 SMALL = dict(renders_per_prompt=4, train_pools=1, vae_steps=3, vae_batch=8, gen_steps=3, gen_batch=8, warmup=1, sample_steps=2,
-             gen_per_prompt=1, train_gen_per_prompt=1, train_wrong=1, n_train_pairs=200, n_test_pairs=60, test_train_prompts=2, n_bench=20)
+             gen_per_prompt=1, train_gen_per_prompt=1, onpolicy_per_prompt=2, bench_per_prompt=2, train_wrong=1, n_train_pairs=200, n_test_pairs=60, test_train_prompts=2, n_bench=20)
 
 # -----------------------------------------------------------------------------
 # Pure helpers
@@ -303,14 +311,29 @@ def within_prompt_pairs(groups, n, rng, scores=None, margin=0.0):
 
 
 def ties_ranking(scores, margin):
-    """Competition ranking (1 = best); neighbours within margin of each other share a rank."""
+    """Competition ranking (1 = best) with near-ties tied: from the best down, a tie group holds every score
+    within margin of the group's first (best) score, so two scores margin or more apart never share a rank."""
     order = np.argsort(-scores, kind="stable")
-    rank, r = np.zeros(len(scores), int), 1
+    rank, r, top = np.zeros(len(scores), int), 1, scores[order[0]]
     for k, i in enumerate(order):
-        if k > 0 and scores[order[k - 1]] - scores[i] >= margin:
-            r = k + 1
+        if top - scores[i] >= margin:
+            r, top = k + 1, scores[i]
         rank[i] = r
     return rank.tolist()
+
+
+@torch.no_grad()
+def generate(pipe, prompts, seed, args, batch=64):
+    """The pipeline's own sampling (args.sample_steps, CFG args.cfg), batch k seeded by seed + k -> PIL images and
+    the generator's latents (N,C,h,w) (normalised, what a latent reward reads in alignment; the images are their decode)."""
+    images, latents = [], []
+    for k in tqdm(range(0, len(prompts), batch), desc="sample", leave=False):
+        z = pipe(prompts[k:k + batch], height=32, width=32, num_inference_steps=args.sample_steps, guidance_scale=args.cfg,
+                 max_sequence_length=8, output_type="latent", generator=torch.Generator().manual_seed(seed + k)).images
+        x = pipe.vae.decode(z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
+        images += pipe.image_processor.postprocess(x, output_type="pil")
+        latents.append(z)
+    return images, torch.cat(latents)
 
 
 def sample_grid(images, prompts, scale=3, cols=6):
@@ -391,12 +414,17 @@ def main(args):
 
     # ------------------------------------------------------------------ VAE
     t0 = time.time()
-    pipe = make_tiny_pipeline(args.seed, size="toy")
+    if args.reuse_pipeline:  # the VAE and generator of a built world: no training steps below
+        from diffusers import StableDiffusion3Pipeline
+        pipe = StableDiffusion3Pipeline.from_pretrained(args.reuse_pipeline, text_encoder_3=None, tokenizer_3=None)
+    else:
+        pipe = make_tiny_pipeline(args.seed, size="toy")
     pipe.set_progress_bar_config(disable=True)
+    steps = dict(vae=0, gen=0) if args.reuse_pipeline else dict(vae=args.vae_steps, gen=args.gen_steps)
     vae = pipe.vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.warmup, args.vae_steps))
-    pbar = tqdm(range(args.vae_steps), desc="vae", leave=False)
+    pbar = tqdm(range(steps["vae"]), desc="vae", leave=False)
     for step in pbar:
         x = x_vae[torch.randint(len(x_vae), (args.vae_batch,), generator=g)]
         post = vae.encode(x).latent_dist
@@ -432,7 +460,8 @@ def main(args):
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.warmup, args.gen_steps))
-    pbar = tqdm(range(args.gen_steps), desc="generator", leave=False)
+    loss = torch.tensor(float("nan"))
+    pbar = tqdm(range(steps["gen"]), desc="generator", leave=False)
     for step in pbar:
         idx = torch.randint(len(latents), (args.gen_batch,), generator=g)
         x0, c = latents[idx], pid[idx]
@@ -455,39 +484,36 @@ def main(args):
     pipe.transformer = ema.eval()
     pipe.register_modules(transformer=pipe.transformer)
     timings["generator"] = time.time() - t0
-    print(f"generator: {timings['generator']:.1f} s ({args.gen_steps} steps, last loss {loss.item():.4f})")
+    print(f"generator: {timings['generator']:.1f} s ({steps['gen']} steps, last loss {loss.item():.4f})")
 
     # ------------------------------------------------------------------ generator samples (the pipeline itself)
     t0 = time.time()
     test_prompts = heldout_prompts + [train_prompts[i] for i in
                                       sorted(rng.choice(len(train_prompts), args.test_train_prompts, replace=False))]
-    # separate samples for the train and the test pools: a training prompt used in the test never shares images
-    gen_split = ([("train", p) for p in train_prompts for _ in range(args.train_gen_per_prompt)]
-                 + [("test", p) for p in test_prompts for _ in range(args.gen_per_prompt)])
-    gen_prompts = [p for _, p in gen_split]
-    samples = []
-    for k in tqdm(range(0, len(gen_prompts), 64), desc="sample", leave=False):
-        samples += pipe(gen_prompts[k:k + 64], height=32, width=32, num_inference_steps=args.sample_steps,
-                        guidance_scale=args.cfg, max_sequence_length=8, output_type="pil",
-                        generator=torch.Generator().manual_seed(args.seed + k)).images
-    n_tr = len(train_prompts) * args.train_gen_per_prompt
-    summary["generator"] = dict(train_prompts=match_stats(samples[:n_tr], gen_prompts[:n_tr]),
-                                heldout_prompts=match_stats(*zip(*[(s, p) for s, p in zip(samples, gen_prompts)
-                                                                   if is_heldout(p)])))
+    # the training pools' samples; the benchmark's, from seeds never used for them (every training prompt and
+    # held-out combo), also fill the test pools: no test image is a training image
+    train_gen = [p for p in train_prompts for _ in range(args.train_gen_per_prompt + args.onpolicy_per_prompt)]
+    bench_gen = [p for p in train_prompts + heldout_prompts for _ in range(args.bench_per_prompt)]
+    samples, _ = generate(pipe, train_gen, args.seed, args)
+    bench, bench_latents = generate(pipe, bench_gen, args.seed + 1_000_003, args)
+    n_tr = len(train_prompts) * args.bench_per_prompt
+    summary["generator"] = dict(train_prompts=match_stats(bench[:n_tr], bench_gen[:n_tr]),
+                                heldout_prompts=match_stats(bench[n_tr:], bench_gen[n_tr:]))
     pipe.save_pretrained(os.path.join(tmp, "pipeline"))
-    show = list(range(0, n_tr, args.train_gen_per_prompt))[:24] + list(range(n_tr, len(samples), args.gen_per_prompt))[:12]
-    sample_grid([samples[i] for i in show], [gen_prompts[i] for i in show]).save(os.path.join(tmp, "samples.png"))
+    show = list(range(0, n_tr, args.bench_per_prompt))[:24] + list(range(n_tr, len(bench), args.bench_per_prompt))[:12]
+    sample_grid([bench[i] for i in show], [bench_gen[i] for i in show]).save(os.path.join(tmp, "samples.png"))
     timings["sample"] = time.time() - t0
     gs = summary["generator"]
-    print(f"sample: {timings['sample']:.1f} s (match rate train prompts {gs['train_prompts']['match']:.2f}, "
-          f"held-out {gs['heldout_prompts']['match']:.2f}; oracle {gs['train_prompts']['oracle']:.3f} / "
-          f"{gs['heldout_prompts']['oracle']:.3f})")
+    print(f"sample: {timings['sample']:.1f} s ({len(samples)} + {len(bench)} samples; match rate train prompts "
+          f"{gs['train_prompts']['match']:.2f}, held-out {gs['heldout_prompts']['match']:.2f}; oracle "
+          f"{gs['train_prompts']['oracle']:.3f} / {gs['heldout_prompts']['oracle']:.3f})")
 
     # ------------------------------------------------------------------ preference pairs (HPDv3 format)
     t0 = time.time()
-    gen_by_prompt = {}
-    for s, key in zip(samples, gen_split):
-        gen_by_prompt.setdefault(key, []).append((s, "generator"))
+    gen = {}  # (split, prompt) -> [(PIL, "generator")]
+    for split, ims, ps in (("train", samples, train_gen), ("test", bench, bench_gen)):
+        for s, p in zip(ims, ps):
+            gen.setdefault((split, p), []).append((s, "generator"))
     splits, rng_train = {}, np.random.default_rng([args.seed, 1])  # its own stream: the training pools' flags never
     for split, split_prompts in (("train", train_prompts), ("test", test_prompts)):  # redraw the test set or benchmarks
         items, groups, images = [], [], []
@@ -495,12 +521,16 @@ def main(args):
         # held-out combos are never shown in training, not even as wrong-attribute renders: a model that saw
         # them only as rejected images would learn "red triangles are bad" instead of reading the prompt
         avoid = set(map(tuple, TOY_HELDOUT)) if split == "train" else set()
+        n_mixed = args.train_gen_per_prompt if split == "train" else args.gen_per_prompt
         for p in tqdm(split_prompts, desc=f"{split} pool", leave=False):
-            gen = gen_by_prompt[(split, p)]
+            mixed = gen[(split, p)][:n_mixed]
+            own = gen[(split, p)][n_mixed:] if split == "train" else []  # a test pool takes n_mixed of the K
             # a training pool is built as a test pool is; pairs never cross pools (README: better than merged pools)
             r = rng_train if split == "train" else rng
-            for k in range(n_pools):
-                pool = make_pool(p, r, n_wrong=n_wrong, avoid=avoid) + gen[k::n_pools]  # its share of the generator samples
+            pools = [make_pool(p, r, n_wrong=n_wrong, avoid=avoid) + mixed[k::n_pools] for k in range(n_pools)]
+            if own:  # the on-policy pool: the generator's own samples of the prompt against each other and real images
+                pools.append(make_pool(p, r, n_clean=2, n_strengths=1, n_wrong=0) + own)
+            for pool in pools:
                 groups.append(list(range(len(items), len(items) + len(pool))))
                 items += [(f"images/{split}/{len(images) + j:05d}.png", src, p) for j, (_, src) in enumerate(pool)]
                 images += [im for im, _ in pool]
@@ -559,10 +589,22 @@ def main(args):
     write_json(os.path.join(tmp, "bench/imagereward_test.json"), imagereward)
     write_json(os.path.join(tmp, "bench/genai_bench.jsonl"), genai, lines=True)
     write_json(os.path.join(tmp, "bench/pickapic_test.jsonl"), pickapic, lines=True)
+    # the on-policy benchmark (HPDv2 ranked groups): K samples per training prompt and held-out combo, fresh
+    # seeds, ranked by the oracle with near-ties tied; their oracle scores and the generator's own latents beside
+    paths, K = save_images("images/generated", bench, tmp), args.bench_per_prompt
+    g_scores = toy_golden_score(bench, bench_gen)
+    generated = [dict(prompt=bench_gen[k], image_path=paths[k:k + K], rank=ties_ranking(g_scores[k:k + K], args.tie_margin))
+                 for k in range(0, len(paths), K)]
+    write_json(os.path.join(tmp, "bench/generated.json"), generated)
+    write_json(os.path.join(tmp, "bench/generated_oracle.json"), dict(zip(paths, g_scores.tolist())))
+    save_file(dict(zip(paths, bench_latents.contiguous())), os.path.join(tmp, "bench/generated_latents.safetensors"))
+    for name, ps in (("train", train_prompts), ("heldout", heldout_prompts)):  # the alignment stages' prompt files
+        with open(os.path.join(tmp, f"prompts_{name}.txt"), "w") as f:
+            f.writelines(p + "\n" for p in ps)
     summary["bench"] = dict(hpdv2_groups=len(hpdv2), imagereward_groups=len(imagereward),
                             imagereward_tied_groups=sum(len(set(r["ranking"])) < len(r["ranking"]) for r in imagereward),
                             genai_votes={k: int((vote_type == k).sum()) for k in sorted(set(vote_type.tolist()))},
-                            pickapic=len(pickapic), pickapic_ties=int(tie.sum()))
+                            pickapic=len(pickapic), pickapic_ties=int(tie.sum()), generated_groups=len(generated))
     timings["bench"] = time.time() - t0
     print(f"bench: {timings['bench']:.1f} s ({summary['bench']})")
 

@@ -236,27 +236,25 @@ def ensure_cache(args, path, rank, world, master):
 @torch.no_grad()
 def evaluate(model, cache, args, rank, world, autocast):
     """Held-out pairwise accuracy at t = t_eval with the EMA weights, by data.pairwise_accuracy (strict >).
-    The noise is model.prompt_noise: shared by the two images of a pair and the same noise
-    eval_reward.py uses, so its accuracy at the same t and seed is this one. Sharded over ranks."""
+    Every unique image is scored once with model.prompt_noise: the noise of a prompt, shared by the two images of
+    a pair and the same noise eval_reward.py uses, so its accuracy at the same t and seed is this one. Sharded over ranks."""
     model.eval()
     dev, scores = next(model.parameters()).device, {}
-    for ids in cache.buckets().values():
-        for i0 in range(rank * 64, len(ids), world * 64):
-            chunk = ids[i0:i0 + 64]
-            b = cache_to(cache.batch(chunk), dev)
-            eps = torch.stack([prompt_noise(args.seed, cache.pairs[i]["prompt"], 0, b["lat_pos"].shape[1:]) for i in chunk])
+    for shape, items in cache.images().items():
+        for i0 in range(rank * 64, len(items), world * 64):
+            chunk = items[i0:i0 + 64]
+            lat, pe, pooled = (x.to(dev, torch.float32) for x in cache.image_batch(chunk))
+            eps = torch.stack([prompt_noise(args.seed, q, 0, shape) for _, q in chunk]).to(dev)
             with autocast:
-                rp = model.score(b["lat_pos"], b["prompt_embeds"], b["pooled"], t=args.t_eval, noise=eps)
-                rn = model.score(b["lat_neg"], b["prompt_embeds"], b["pooled"], t=args.t_eval, noise=eps)
-            scores.update(zip(chunk, zip(rp.float().cpu().tolist(), rn.float().cpu().tolist())))
+                r = model.score(lat, pe, pooled, t=args.t_eval, noise=eps)
+            scores.update(zip(chunk, r.float().cpu().tolist()))
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, scores)
         scores = {k: v for part in parts for k, v in part.items()}
     model.train()
-    ids = sorted(scores)
-    res = data.pairwise_accuracy([scores[i][0] for i in ids], [scores[i][1] for i in ids],
-                                 [cache.pairs[i]["group"] for i in ids])
+    res = data.pairwise_accuracy([scores[(p["chosen"], p["prompt"])] for p in cache.pairs],
+                                 [scores[(p["rejected"], p["prompt"])] for p in cache.pairs], [p["group"] for p in cache.pairs])
     return res["acc"], res["pairs"]
 
 

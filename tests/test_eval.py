@@ -209,7 +209,7 @@ def test_bad_input(world, tmp_path):
 
 
 def test_toy_default_benchmarks(world, tmp_path, monkeypatch, capsys):
-    """A `toy`-backbone checkpoint with no --bench evaluates the five toy benchmark files of out/toy (paths
+    """A `toy`-backbone checkpoint with no --bench evaluates the six toy benchmark files of out/toy (paths
     relative to out/toy), its encoders loaded from the saved diffusers folder without the transformer."""
     from model import make_tiny_pipeline
     monkeypatch.chdir(tmp_path)
@@ -223,11 +223,12 @@ def test_toy_default_benchmarks(world, tmp_path, monkeypatch, capsys):
     rel = lambda s: s.replace(str(world) + "/", "").replace("img/", "images/")
     for f, dst in (("hpdv3.json", "test.json"), ("hpdv2.json", "bench/hpdv2_test.json"),
                    ("imagereward.json", "bench/imagereward_test.json"), ("genai.jsonl", "bench/genai_bench.jsonl"),
-                   ("pickapic.jsonl", "bench/pickapic_test.jsonl")):
+                   ("pickapic.jsonl", "bench/pickapic_test.jsonl"), ("hpdv2.json", "bench/generated.json")):
         (toy / dst).write_text(rel((world / f).read_text()))
     res = eval_reward.main(eval_reward.parser.parse_args(["--ckpt", "out/reward-toy-dina"]))
     assert [(n, r["split"], r["pairs"]) for n, r in res["benchmarks"].items()] == [
-        ("hpdv3", "test", 3), ("hpdv2", "test", 8), ("imagereward", "test", 5), ("genai-bench", "test", 3), ("pickapic", "test", 2)]
+        ("hpdv3", "test", 3), ("hpdv2", "test", 8), ("imagereward", "test", 5), ("genai-bench", "test", 3), ("pickapic", "test", 2),
+        ("generated", "test", 8)]
     assert (tmp_path / "out/reward-toy-dina/results.json").is_file() and (toy / "bench" / "hpdv2_test.json").is_file()
     assert "genai-bench   test" in capsys.readouterr().out
     (toy / "bench/pickapic_test.jsonl").unlink()

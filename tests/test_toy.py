@@ -171,6 +171,90 @@ def test_deterministic_and_build_skips(world, tmp_path):
 
 def test_ties_ranking():
     assert toy.ties_ranking(np.array([0.5, 0.9, 0.895, 0.1]), 0.02) == [3, 1, 1, 4]
+    # a chain of near-ties does not tie its ends: each group is anchored at its best score
+    assert toy.ties_ranking(np.array([0.81, 0.9, 0.84, 0.87]), 0.05) == [3, 1, 3, 1]
+
+
+def test_generated_benchmark_ranks_follow_the_oracle(world):
+    """bench/generated.json: K samples for every training prompt and every held-out combination, read by the
+    HPDv2 reader; a better rank is a higher oracle score, a tie is a near-tie, and scores a margin apart are never
+    tied. The latents stored beside it are the generator's own: decoded by the world's VAE, they give the PNGs."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+    import data
+    args = load(os.path.join(world, "summary.json"))["args"]
+    K, margin = args["bench_per_prompt"], args["tie_margin"]
+    groups = load(os.path.join(world, "bench/generated.json"))
+    oracle = load(os.path.join(world, "bench/generated_oracle.json"))
+    assert sorted(g["prompt"] for g in groups) == sorted(toy.all_prompts())
+    n_tied = 0
+    for g in groups:
+        assert len(g["image_path"]) == K and min(g["rank"]) == 1
+        o = [oracle[p] for p in g["image_path"]]
+        for a, b in itertools.combinations(range(K), 2):
+            if g["rank"][a] == g["rank"][b]:
+                assert abs(o[a] - o[b]) < margin
+                n_tied += 1
+            else:
+                assert (g["rank"][a] < g["rank"][b]) == (o[a] > o[b])
+    pairs, info = data.read_benchmark(os.path.join(world, "bench/generated.json"), image_root=world)
+    assert info["format"] == "hpdv2" and info["skipped_ties"] == n_tied
+    assert info["pairs"] + n_tied == len(groups) * K * (K - 1) // 2
+    rel = lambda p: os.path.relpath(p, world)
+    assert all(oracle[rel(p["chosen"])] > oracle[rel(p["rejected"])] for p in pairs)
+    pipe = StableDiffusion3Pipeline.from_pretrained(os.path.join(world, "pipeline"), text_encoder_3=None, tokenizer_3=None)
+    lat, paths = load_file(os.path.join(world, "bench/generated_latents.safetensors")), groups[0]["image_path"]
+    assert set(lat) == set(oracle)
+    with torch.no_grad():
+        z = torch.stack([lat[p] for p in paths])
+        x = pipe.vae.decode(z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
+    png = np.stack([np.asarray(Image.open(os.path.join(world, p))) for p in paths]).astype(int)
+    dec = np.round(pipe.image_processor.postprocess(x, output_type="np") * 255).astype(int)
+    assert np.abs(png - dec).max() <= 1  # uint8 rounding
+
+
+def test_prompt_lists(world):
+    """prompts_train.txt holds exactly the training prompts, prompts_heldout.txt the held-out combinations."""
+    read = lambda name: open(os.path.join(world, f"prompts_{name}.txt")).read().splitlines()
+    train, held = read("train"), read("heldout")
+    assert train == [p for p in toy.all_prompts() if not toy.is_heldout(p)]
+    assert held == [p for p in toy.all_prompts() if toy.is_heldout(p)] and len(held) == 3 * len(toy.TOY_HELDOUT)
+    assert not set(train) & set(held) and len(train) + len(held) == len(toy.all_prompts())
+    assert {r["prompt"] for r in load(os.path.join(world, "train.json"))} <= set(train)
+
+
+def test_best_of_k_closed_forms_and_run(world, capsys):
+    """scripts/best_of_k.py: a reward equal to the oracle orders every counted pair and gains what the oracle
+    gains; its negation orders none; the clustered standard error against a hand computation; and the script
+    runs on the miniature world (training prompts and held-out combos, the latent and the PNG read)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import best_of_k
+    from model import build_reward_model, save_checkpoint, trainable_state
+    rng = np.random.default_rng(0)
+    o = [rng.uniform(0, 1, 8) for _ in range(6)]
+    s = best_of_k.summarise([(x, x) for x in o], 0.05)
+    n = [int((np.abs(x[:, None] - x[None]) > 0.05).sum() // 2) for x in o]
+    assert s["acc"] == 1 and s["pairs"] == sum(n) and s["acc_se"] == 0 and s["share"] == pytest.approx(1)
+    assert s["gain_reward"] == pytest.approx(np.mean([x.max() - x.mean() for x in o])) and s["corr"] == pytest.approx(1)
+    s = best_of_k.summarise([(-x, x) for x in o], 0.05)
+    assert s["acc"] == 0 and s["gain_reward"] == pytest.approx(np.mean([x.min() - x.mean() for x in o]))
+    r = [x + rng.normal(0, 0.3, 8) for x in o]  # a noisy reward: the standard error clustered by prompt
+    s = best_of_k.summarise(list(zip(r, o)), 0.05)
+    c = np.array([sum((ri[a] - ri[b]) * (x[a] - x[b]) > 0 for a, b in itertools.combinations(range(8), 2)
+                      if abs(x[a] - x[b]) > 0.05) for ri, x in zip(r, o)])
+    acc = c.sum() / sum(n)
+    assert s["acc"] == pytest.approx(acc)
+    assert s["acc_se"] == pytest.approx(np.sqrt(6 / 5 * ((c - acc * np.array(n)) ** 2).sum()) / sum(n))
+    model = build_reward_model("toy", "dina", path=os.path.join(world, "pipeline"))
+    a = dict(backbone="toy", head="dina", backbone_path=os.path.join(world, "pipeline"), t_eval=0.08, resolution=32,
+             max_text_len=8, seed=0)
+    ckpt = os.path.join(os.path.dirname(world), "bok", "ckpt.safetensors")
+    save_checkpoint(ckpt, {"model." + k: p for k, p in trainable_state(model).items()}, {"args": a, "step": 0})
+    out = best_of_k.main(best_of_k.parser.parse_args([ckpt, "--world", world]))
+    for read in ("latent", "png"):
+        assert out[read]["training prompts"]["prompts"] == 39 and out[read]["held-out combos"]["prompts"] == 15
+    assert "best of K = 2" in capsys.readouterr().out
 
 
 def test_within_prompt_pairs_margin_and_stability():

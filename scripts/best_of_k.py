@@ -1,0 +1,103 @@
+"""
+Can the reward judge the generator's own samples? On the toy's on-policy benchmark (bench/generated.json:
+K samples of the toy pipeline per training prompt and per held-out combination, from seeds never used in
+training, with their golden-oracle scores), for training and held-out prompts separately:
+
+- pairwise accuracy on the pairs of one prompt whose oracle scores differ by more than --gap (0.05),
+  with the standard error over prompts (pairs of one prompt are not independent);
+- best-of-K: the golden gain of the reward's pick over the mean sample, next to the oracle's own pick
+  (the most any reranker can gain), each with its standard error over prompts;
+- the within-prompt Pearson correlation of reward and oracle.
+
+Each sample is scored twice: as an alignment stage reads it, the generator's own latent (no decode), and
+as eval_reward.py reads the PNG (decoded, saved, VAE-encoded again). The images of one prompt share one
+noise draw (eval_reward's prompt_noise), as a GRPO group's rewards would.
+
+  python scripts/best_of_k.py out/reward-toy-dina            # [--world out/toy] [--t 0.08] [--k 16]
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from eval_reward import Scorer  # noqa: E402
+from model import prompt_noise  # noqa: E402
+from toy import is_heldout  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("ckpt", help="checkpoint folder (or .safetensors) of a toy reward model")
+parser.add_argument("--world", default="out/toy")
+parser.add_argument("--t", type=float, default=None, help="noise level (default: the checkpoint's t_eval)")
+parser.add_argument("--k", type=int, default=None, help="best of the first k samples of each prompt (default: all K)")
+parser.add_argument("--gap", type=float, default=0.05, help="oracle gap above which a pair counts for the accuracy")
+parser.add_argument("--seed", type=int, default=0, help="noise seed (as eval_reward.py's)")
+
+
+def summarise(groups, gap):
+    """groups [(reward scores (K,), oracle scores (K,))] of one split -> dict of figures with standard errors."""
+    correct, counted, gain_r, gain_o, corr = [], [], [], [], []
+    for r, o in groups:
+        i, j = np.triu_indices(len(o), 1)
+        keep = np.abs(o[i] - o[j]) > gap
+        good = (r[i] - r[j]) * np.sign(o[i] - o[j]) > 0  # strict: a model tie is wrong
+        correct.append(int((good & keep).sum()))
+        counted.append(int(keep.sum()))
+        gain_r.append(o[np.argmax(r)] - o.mean())
+        gain_o.append(o.max() - o.mean())
+        corr.append(np.corrcoef(r, o)[0, 1] if r.std() > 0 and o.std() > 0 else 0.0)
+    c, n, P = np.array(correct), np.array(counted), len(groups)
+    acc = c.sum() / max(n.sum(), 1)
+    acc_se = np.sqrt(P / max(P - 1, 1) * ((c - acc * n) ** 2).sum()) / max(n.sum(), 1)  # clustered by prompt
+    se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return dict(prompts=P, pairs=int(n.sum()), acc=float(acc), acc_se=float(acc_se), gain_reward=float(np.mean(gain_r)),
+                gain_reward_se=se(gain_r), gain_oracle=float(np.mean(gain_o)), gain_oracle_se=se(gain_o),
+                share=float(np.mean(gain_r) / max(np.mean(gain_o), 1e-9)), corr=float(np.mean(corr)), corr_se=se(corr))
+
+
+@torch.no_grad()
+def main(args):
+    bench = os.path.join(args.world, "bench")
+    groups = json.load(open(os.path.join(bench, "generated.json")))
+    oracle = json.load(open(os.path.join(bench, "generated_oracle.json")))
+    latents = load_file(os.path.join(bench, "generated_latents.safetensors"))
+    sc = Scorer(args.ckpt, t=args.t, seed=args.seed)
+    enc_img, enc_txt = sc.encoders()
+    out = {}
+    for read in ("latent", "png"):
+        split = {"training prompts": [], "held-out combos": []}
+        for g in groups:
+            paths = g["image_path"][:args.k]
+            if read == "latent":
+                z = torch.stack([latents[p] for p in paths])  # (K,C,h,w): the generator's own output
+            else:
+                z = enc_img(torch.stack([data.to_bucket(data.load_image(os.path.join(args.world, p)), (32, 32)) for p in paths]))
+            pe, pooled = enc_txt([g["prompt"]])
+            eps = prompt_noise(args.seed, data.cache_key(g["prompt"]), 0, z.shape[1:])
+            r = sc.score_latents(z, eps.expand_as(z), pe.expand(len(z), -1, -1), pooled.expand(len(z), -1)).numpy()
+            key = "held-out combos" if is_heldout(g["prompt"]) else "training prompts"
+            split[key].append((r, np.array([oracle[p] for p in paths])))
+        out[read] = {k: summarise(v, args.gap) for k, v in split.items()}
+    K = len(groups[0]["image_path"][:args.k])
+    print(f"{sc.path} at t = {','.join(map(str, sc.ts))}: best of K = {K} generator samples per prompt ({args.world}/bench)")
+    print(f"{'scored':<8}{'prompts':<18}{'n':>4}{'pairs':>7}  {'acc (gap > ' + str(args.gap) + ')':<18}"
+          f"{'reward pick':<18}{'oracle pick':<18}{'share':>6}  {'corr':<12}")
+    for read, res in out.items():
+        for k, s in res.items():
+            print(f"{read:<8}{k:<18}{s['prompts']:>4}{s['pairs']:>7}  {100 * s['acc']:6.2f} +- {100 * s['acc_se']:4.2f}%    "
+                  f"{s['gain_reward']:+.3f} +- {s['gain_reward_se']:.3f}  {s['gain_oracle']:+.3f} +- {s['gain_oracle_se']:.3f}  "
+                  f"{100 * s['share']:5.0f}%  {s['corr']:.2f} +- {s['corr_se']:.2f}")
+    path = os.path.join(os.path.dirname(os.path.abspath(sc.path)), f"best_of_{K}.json")
+    with open(path, "w") as f:
+        json.dump(dict(ckpt=sc.path, t=list(sc.ts), k=K, gap=args.gap, results=out), f, indent=1)
+    print(f"wrote {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())
