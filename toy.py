@@ -185,7 +185,7 @@ parser.add_argument("--small", action="store_true", help="miniature world for te
 # renders (the generator's training set)
 parser.add_argument("--renders-per-prompt", type=int, default=64)
 # VAE: L1 + L2 reconstruction + a small KL
-parser.add_argument("--vae-steps", type=int, default=400)
+parser.add_argument("--vae-steps", type=int, default=500)
 parser.add_argument("--vae-batch", type=int, default=32)
 parser.add_argument("--vae-lr", type=float, default=2e-3)
 parser.add_argument("--kl-weight", type=float, default=1e-6)
@@ -201,8 +201,8 @@ parser.add_argument("--ema", type=float, default=0.99)
 parser.add_argument("--sample-steps", type=int, default=10, help="Flow-GRPO's 10 steps: the samples an alignment stage draws")
 parser.add_argument("--cfg", type=float, default=4.0)
 parser.add_argument("--gen-per-prompt", type=int, default=3, help="generator samples in each test prompt's pool")
-parser.add_argument("--train-gen-per-prompt", type=int, default=0, help="generator samples per training prompt, "
-                    "spread over its mixed pools (the previous world: 16)")
+parser.add_argument("--train-gen-per-prompt", type=int, default=16, help="generator samples per training prompt, "
+                    "spread over its mixed pools (2 in each, as in the test pools)")
 parser.add_argument("--onpolicy-per-prompt", type=int, default=16, help="generator samples per training prompt in an "
                     "on-policy pool of their own with 2 renders and 4 corrupted ones, ranked whole (HPDv3: generated "
                     "images of one prompt, and real ones, compared with each other)")

@@ -9,6 +9,10 @@ training, with their golden-oracle scores), for training and held-out prompts se
   (the most any reranker can gain), each with its standard error over prompts;
 - the within-prompt Pearson correlation of reward and oracle.
 
+A yardstick row, "vae": the oracle itself read off the VAE's reconstruction of each PNG (decode(encode(png))),
+used as the reward. What the latent keeps of the oracle's judgement is an upper bound of what a latent
+reward can pick; if it gets most of the oracle's gain, the limit is the reward model, not the VAE.
+
 Each sample is scored twice: as an alignment stage reads it, the generator's own latent (no decode), and
 as eval_reward.py reads the PNG (decoded, saved, VAE-encoded again). The images of one prompt share one
 noise draw (eval_reward's prompt_noise), as a GRPO group's rewards would.
@@ -28,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from eval_reward import Scorer  # noqa: E402
 from model import prompt_noise  # noqa: E402
-from toy import is_heldout  # noqa: E402
+from model import load_pipeline  # noqa: E402
+from toy import is_heldout, toy_golden_score  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("ckpt", help="checkpoint folder (or .safetensors) of a toy reward model")
@@ -68,8 +73,9 @@ def main(args):
     latents = load_file(os.path.join(bench, "generated_latents.safetensors"))
     sc = Scorer(args.ckpt, t=args.t, seed=args.seed)
     enc_img, enc_txt = sc.encoders()
+    vae = load_pipeline(sc.a["backbone"], sc.a.get("backbone_path"), with_transformer=False).vae
     out = {}
-    for read in ("latent", "png"):
+    for read in ("latent", "png", "vae"):
         split = {"training prompts": [], "held-out combos": []}
         for g in groups:
             paths = g["image_path"][:args.k]
@@ -80,6 +86,9 @@ def main(args):
             pe, pooled = enc_txt([g["prompt"]])
             eps = prompt_noise(args.seed, data.cache_key(g["prompt"]), 0, z.shape[1:])
             r = sc.score_latents(z, eps.expand_as(z), pe.expand(len(z), -1, -1), pooled.expand(len(z), -1)).numpy()
+            if read == "vae":  # the yardstick: the oracle on decode(encode(png)), z = encode(png) normalised
+                x = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample
+                r = toy_golden_score(x, [g["prompt"]] * len(z))
             key = "held-out combos" if is_heldout(g["prompt"]) else "training prompts"
             split[key].append((r, np.array([oracle[p] for p in paths])))
         out[read] = {k: summarise(v, args.gap) for k, v in split.items()}

@@ -252,7 +252,7 @@ def test_best_of_k_closed_forms_and_run(world, capsys):
     ckpt = os.path.join(os.path.dirname(world), "bok", "ckpt.safetensors")
     save_checkpoint(ckpt, {"model." + k: p for k, p in trainable_state(model).items()}, {"args": a, "step": 0})
     out = best_of_k.main(best_of_k.parser.parse_args([ckpt, "--world", world]))
-    for read in ("latent", "png"):
+    for read in ("latent", "png", "vae"):
         assert out[read]["training prompts"]["prompts"] == 39 and out[read]["held-out combos"]["prompts"] == 15
     assert "best of K = 2" in capsys.readouterr().out
 
