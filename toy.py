@@ -386,6 +386,9 @@ def main(args):
     if args.small:
         for k, v in SMALL.items():
             setattr(args, k, min(getattr(args, k) or v, v))  # 0 = all pairs: the small world's 200
+    if args.gen_per_prompt > args.bench_per_prompt:
+        raise ValueError(f"--gen-per-prompt {args.gen_per_prompt} > --bench-per-prompt {args.bench_per_prompt}: the test "
+                         f"pools take their generator samples from the on-policy benchmark's")
     out = args.out.rstrip("/")
     tmp = f"{out}.partial-{os.getpid()}"  # per process: two concurrent builds never share a half-built folder
     shutil.rmtree(tmp, ignore_errors=True)
@@ -540,7 +543,12 @@ def main(args):
     pairs = within_prompt_pairs(groups, args.n_train_pairs, rng_train)  # noisy labels: few raters, near-ties kept
     votes = toy_annotate(scores[pairs[:, 0]], scores[pairs[:, 1]], args.train_raters, rng_train, args.rater_noise)
     train = hpdv3_records(items, pairs, votes, args.train_raters)
-    train_agree = np.mean((scores[pairs[:, 0]] > scores[pairs[:, 1]]) == (2 * votes > args.train_raters))
+    agree = (scores[pairs[:, 0]] > scores[pairs[:, 1]]) == (2 * votes > args.train_raters)  # (K,) label vs oracle
+    onpolicy = np.array([items[i][1] == items[j][1] == "generator" for i, j in pairs])
+    apart = np.abs(scores[pairs[:, 0]] - scores[pairs[:, 1]]) > args.tie_margin
+    share = lambda m: float(agree[m].mean()) if m.any() else None
+    onpolicy_agree = dict(pairs=int(onpolicy.sum()), agree=share(onpolicy), apart=int((onpolicy & apart).sum()),
+                          agree_apart=share(onpolicy & apart))
     write_json(os.path.join(tmp, "train.json"), train)
     items, groups, scores = splits["test"]
     pairs = within_prompt_pairs(groups, args.n_test_pairs, rng, scores, args.tie_margin)  # annotator ties dropped
@@ -551,7 +559,8 @@ def main(args):
     write_json(os.path.join(tmp, "test_oracle.json"), oracle)
     test_agree = np.mean([oracle[r["path1"]] > oracle[r["path2"]] for r in test])
     summary["pairs"] = dict(train=len(train), test=len(test), train_images=len(splits["train"][0]),
-                            test_images=len(items), train_labels_agree_with_oracle=float(train_agree),
+                            test_images=len(items), train_labels_agree_with_oracle=float(agree.mean()),
+                            train_generator_pairs=onpolicy_agree,
                             test_labels_agree_with_oracle=float(test_agree))
     timings["pairs"] = time.time() - t0
     print(f"pairs: {timings['pairs']:.1f} s ({len(train)} train pairs, {len(test)} test pairs)")

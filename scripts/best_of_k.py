@@ -74,7 +74,7 @@ def main(args):
     sc = Scorer(args.ckpt, t=args.t, seed=args.seed)
     enc_img, enc_txt = sc.encoders()
     vae = load_pipeline(sc.a["backbone"], sc.a.get("backbone_path"), with_transformer=False).vae
-    out = {}
+    out, shift = {}, []  # shift: ||encode(decode(z)) - z|| / ||z|| per prompt, the generator's latent vs its PNG's
     for read in ("latent", "png", "vae"):
         split = {"training prompts": [], "held-out combos": []}
         for g in groups:
@@ -83,6 +83,8 @@ def main(args):
                 z = torch.stack([latents[p] for p in paths])  # (K,C,h,w): the generator's own output
             else:
                 z = enc_img(torch.stack([data.to_bucket(data.load_image(os.path.join(args.world, p)), (32, 32)) for p in paths]))
+                z_gen = torch.stack([latents[p] for p in paths])
+                shift.append(float((z - z_gen).norm() / z_gen.norm()))
             pe, pooled = enc_txt([g["prompt"]])
             eps = prompt_noise(args.seed, data.cache_key(g["prompt"]), 0, z.shape[1:])
             r = sc.score_latents(z, eps.expand_as(z), pe.expand(len(z), -1, -1), pooled.expand(len(z), -1)).numpy()
@@ -101,9 +103,11 @@ def main(args):
             print(f"{read:<8}{k:<18}{s['prompts']:>4}{s['pairs']:>7}  {100 * s['acc']:6.2f} +- {100 * s['acc_se']:4.2f}%    "
                   f"{s['gain_reward']:+.3f} +- {s['gain_reward_se']:.3f}  {s['gain_oracle']:+.3f} +- {s['gain_oracle_se']:.3f}  "
                   f"{100 * s['share']:5.0f}%  {s['corr']:.2f} +- {s['corr_se']:.2f}")
+    print(f"the PNG's latent differs from the generator's own by {np.mean(shift):.1%} of its norm "
+          f"(||encode(decode(z)) - z|| / ||z||, mean over prompts): what the reward reads in alignment is not what it was trained on")
     path = os.path.join(os.path.dirname(os.path.abspath(sc.path)), f"best_of_{K}.json")
     with open(path, "w") as f:
-        json.dump(dict(ckpt=sc.path, t=list(sc.ts), k=K, gap=args.gap, results=out), f, indent=1)
+        json.dump(dict(ckpt=sc.path, t=list(sc.ts), k=K, gap=args.gap, results=out, latent_shift=float(np.mean(shift))), f, indent=1)
     print(f"wrote {path}")
     return out
 
