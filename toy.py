@@ -1,11 +1,15 @@
 """
 Builds the toy world on disk (DESIGN.md section 8) from a seed (float-level noise aside: see within_prompt_pairs):
 
-  renders -> tiny AutoencoderKL -> tiny SD3 generator (rectified flow) -> preference pairs
-  (HPDv3 train/test JSON) -> benchmarks in the real formats (HPDv2, ImageReward, GenAI-Bench,
-  Pick-a-Pic) -> summary.json.
+  renders -> tiny AutoencoderKL -> tiny SD3 generator (rectified flow) -> its samples -> preference
+  pairs (HPDv3 train/test JSON; the training pools hold the generator's own samples, ranked by the
+  annotators) -> benchmarks in the real formats (HPDv2, ImageReward, GenAI-Bench, Pick-a-Pic) and
+  the on-policy benchmark -> prompt lists -> summary.json.
 
-Launch (about 5 minutes on 2 CPU cores):
+The world itself lives here too (section "the world"): prompts, renderer, corruptions, the golden
+oracle `toy_golden_score` and the simulated annotators `toy_annotate`.
+
+Launch (about 6 minutes on 2 CPU cores):
 
   python toy.py                       # -> out/toy
   python toy.py --small --out /tmp/w  # a miniature world in seconds (tests)
@@ -21,6 +25,10 @@ image_root):
   samples.png                generator samples with their prompts
   train.json, test.json      HPDv3 format; test_oracle.json: the oracle score of each test image
   bench/hpdv2_test.json, bench/imagereward_test.json, bench/genai_bench.jsonl, bench/pickapic_test.jsonl
+  bench/generated.json       on-policy (HPDv2 ranked groups): K samples per training prompt and held-out
+                             combo from fresh seeds, ranked by the oracle; generated_oracle.json their scores,
+                             generated_latents.safetensors the generator's own latents (what alignment scores)
+  prompts_train.txt, prompts_heldout.txt   the alignment stages' prompt files, one prompt per line
   summary.json               counts, timings, VAE error, generator match rates; written last
 
 The world is built in `<out>.partial-<pid>` and renamed to `<out>` at the end, so a half-built world
@@ -150,11 +158,12 @@ def toy_read(images):
     return dict(bg=bg, fg=fg, fill=fill, n_fg=n_fg, resid=resid, pal=pal / 2)
 
 
-def toy_golden_score(images, prompts):
+def toy_golden_score(images, prompts, parts=False):
     """Oracle in [0, 1], deterministic: 0.6 * fidelity + 0.4 * quality. fidelity = mean soft
     probability (softmax over the palette of -distance^2) that the colour, shape and background
     read off the pixels are the prompted ones; quality = exp(-resid / 15 - pal / 50), 1 when
-    clean. images: PIL list, uint8 (N,H,W,3) or float (N,3,H,W) in [-1, 1] (the VAE range)."""
+    clean. images: PIL list, uint8 (N,H,W,3) or float (N,3,H,W) in [-1, 1] (the VAE range).
+    parts=True: a dict of the weighted terms (colour, shape, background: 0.2 each; quality 0.4) and the score."""
     r, attrs = toy_read(images), [parse_toy_prompt(p) for p in prompts]
     if len(attrs) != len(r["bg"]):
         raise ValueError(f"{len(r['bg'])} images but {len(attrs)} prompts")
@@ -166,7 +175,10 @@ def toy_golden_score(images, prompts):
     p_bg = _soft_pick(r["bg"], _BGC, 25.0)[idx, bi]
     fidelity = (p_col + p_shp + p_bg) / 3
     quality = np.exp(-r["resid"] / 15.0 - r["pal"] / 50.0)
-    return np.clip(0.6 * fidelity + 0.4 * quality, 0.0, 1.0)
+    score = np.clip(0.6 * fidelity + 0.4 * quality, 0.0, 1.0)
+    if parts:
+        return dict(color=0.2 * p_col, shape=0.2 * p_shp, background=0.2 * p_bg, quality=0.4 * quality, score=score)
+    return score
 
 
 def toy_annotate(score_a, score_b, n_raters, rng, noise=0.1):

@@ -1,7 +1,7 @@
 """
 Train a diffusion-native latent reward model on preference pairs.
 
-Quick start (the toy world is built into out/toy/ on first use; about 9 minutes on 2 CPU cores):
+Quick start (the toy world is built into out/toy/ on first use; about 11 minutes on 2 CPU cores):
     python train_reward.py
 DiNa-LRM on HPDv3 with SD3.5-M, 8 GPUs (encode the cache once, then train as often as you like):
     torchrun --nproc_per_node=8 train_reward.py --backbone sd35m --head dina \
@@ -292,7 +292,7 @@ def main(args):
     if args.backbone == "toy" and args.data == TOY_WORLD["data"] and not os.path.isfile("out/toy/summary.json"):
         if master:
             import toy
-            print0("building the toy world into out/toy/ (first use, about 5 minutes on 2 CPU cores)")
+            print0("building the toy world into out/toy/ (first use, about 6 minutes on 2 CPU cores)")
             toy.build("out/toy", seed=args.seed)
         barrier()
     if args.data is None:

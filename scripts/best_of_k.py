@@ -74,7 +74,7 @@ def main(args):
     sc = Scorer(args.ckpt, t=args.t, seed=args.seed)
     enc_img, enc_txt = sc.encoders()
     vae = load_pipeline(sc.a["backbone"], sc.a.get("backbone_path"), with_transformer=False).vae
-    out, shift = {}, []  # shift: ||encode(decode(z)) - z|| / ||z|| per prompt, the generator's latent vs its PNG's
+    out, shift, terms = {}, [], []  # shift: ||encode(decode(z)) - z|| / ||z|| per prompt, the generator's latent vs its PNG's
     for read in ("latent", "png", "vae"):
         split = {"training prompts": [], "held-out combos": []}
         for g in groups:
@@ -84,6 +84,9 @@ def main(args):
             else:
                 z = enc_img(torch.stack([data.to_bucket(data.load_image(os.path.join(args.world, p)), (32, 32)) for p in paths]))
                 z_gen = torch.stack([latents[p] for p in paths])
+                pngs = [data.load_image(os.path.join(args.world, p)) for p in paths]
+                parts = toy_golden_score(pngs, [g["prompt"]] * len(paths), parts=True)  # the oracle's weighted terms
+                terms.append({k: float(np.std(v)) for k, v in parts.items()})
                 shift.append(float((z - z_gen).norm() / z_gen.norm()))
             pe, pooled = enc_txt([g["prompt"]])
             eps = prompt_noise(args.seed, data.cache_key(g["prompt"]), 0, z.shape[1:])
@@ -103,6 +106,8 @@ def main(args):
             print(f"{read:<8}{k:<18}{s['prompts']:>4}{s['pairs']:>7}  {100 * s['acc']:6.2f} +- {100 * s['acc_se']:4.2f}%    "
                   f"{s['gain_reward']:+.3f} +- {s['gain_reward_se']:.3f}  {s['gain_oracle']:+.3f} +- {s['gain_oracle_se']:.3f}  "
                   f"{100 * s['share']:5.0f}%  {s['corr']:.2f} +- {s['corr_se']:.2f}")
+    print("what separates the samples of one prompt: within-prompt std of the oracle's weighted terms, "
+          + ", ".join(f"{k} {np.mean([t[k] for t in terms]):.3f}" for k in terms[0]))
     print(f"the PNG's latent differs from the generator's own by {np.mean(shift):.1%} of its norm "
           f"(||encode(decode(z)) - z|| / ||z||, mean over prompts): what the reward reads in alignment is not what it was trained on")
     path = os.path.join(os.path.dirname(os.path.abspath(sc.path)), f"best_of_{K}.json")
