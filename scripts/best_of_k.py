@@ -79,21 +79,20 @@ def main(args):
         split = {"training prompts": [], "held-out combos": []}
         for g in groups:
             paths = g["image_path"][:args.k]
-            if read == "latent":
-                z = torch.stack([latents[p] for p in paths])  # (K,C,h,w): the generator's own output
-            else:
-                z = enc_img(torch.stack([data.to_bucket(data.load_image(os.path.join(args.world, p)), (32, 32)) for p in paths]))
-                z_gen = torch.stack([latents[p] for p in paths])
-                pngs = [data.load_image(os.path.join(args.world, p)) for p in paths]
-                parts = toy_golden_score(pngs, [g["prompt"]] * len(paths), parts=True)  # the oracle's weighted terms
-                terms.append({k: float(np.std(v)) for k, v in parts.items()})
-                shift.append(float((z - z_gen).norm() / z_gen.norm()))
-            pe, pooled = enc_txt([g["prompt"]])
-            eps = prompt_noise(args.seed, data.cache_key(g["prompt"]), 0, z.shape[1:])
-            r = sc.score_latents(z, eps.expand_as(z), pe.expand(len(z), -1, -1), pooled.expand(len(z), -1)).numpy()
+            z_gen = torch.stack([latents[p] for p in paths])  # (K,C,h,w): the generator's own output
+            pngs = [data.load_image(os.path.join(args.world, p)) for p in paths]
+            z = z_gen if read == "latent" else enc_img(torch.stack([data.to_bucket(im, (32, 32)) for im in pngs]))
             if read == "vae":  # the yardstick: the oracle on decode(encode(png)), z = encode(png) normalised
                 x = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample
                 r = toy_golden_score(x, [g["prompt"]] * len(z))
+            else:
+                pe, pooled = enc_txt([g["prompt"]])
+                eps = prompt_noise(args.seed, data.cache_key(g["prompt"]), 0, z.shape[1:])
+                r = sc.score_latents(z, eps.expand_as(z), pe.expand(len(z), -1, -1), pooled.expand(len(z), -1)).numpy()
+            if read == "png":  # what separates the samples, and how far the PNG's latent is from the generator's
+                parts = toy_golden_score(pngs, [g["prompt"]] * len(paths), parts=True)  # the oracle's weighted terms
+                terms.append({k: float(np.std(v)) for k, v in parts.items()})
+                shift.append(float((z - z_gen).norm() / z_gen.norm()))
             key = "held-out combos" if is_heldout(g["prompt"]) else "training prompts"
             split[key].append((r, np.array([oracle[p] for p in paths])))
         out[read] = {k: summarise(v, args.gap) for k, v in split.items()}
