@@ -397,3 +397,57 @@ class PairCache:
         for i, p in enumerate(self.pairs):
             out.setdefault("x".join(map(str, p["shape"])), []).append(i)
         return out
+
+# ----------------------------------------------------------------------------- alignment stages: prompts, figures
+
+
+def read_prompts(path, flag="--prompts"):
+    """A prompts file, one prompt per line (blank lines skipped) -> list[str]; a missing or empty file is an error."""
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path}: no such prompts file (one prompt per line)")
+    prompts = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
+    if not prompts:
+        raise ValueError(f"{flag} {path}: the prompts file is empty")
+    return prompts
+
+
+def image_grid(rows, cell=96, labels=()):
+    """rows: lists of PIL images (e.g. the same prompts and seeds before / after) -> one PIL grid, a label per row."""
+    from PIL import ImageDraw
+    pad = 90 if labels else 0
+    grid = Image.new("RGB", (pad + cell * max(map(len, rows)), cell * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        if r < len(labels):
+            draw.text((4, r * cell + cell // 2 - 6), labels[r], fill="black")
+        for c, im in enumerate(row):
+            grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (pad + c * cell, r * cell))
+    return grid
+
+
+def line_chart(series, title, xlabel, size=(420, 300)):
+    """series {name: (xs, ys)} -> a PIL line chart (no plotting dependency): axes, ticks, legend."""
+    from PIL import ImageDraw
+    W, H, m = size[0], size[1], 48
+    img, colors = Image.new("RGB", (W, H), "white"), ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
+    draw = ImageDraw.Draw(img)
+    xs = [x for v in series.values() for x in v[0]] or [0, 1]
+    ys = [y for v in series.values() for y in v[1]] or [0, 1]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1e-9)
+    y0, y1 = min(ys), max(max(ys), min(ys) + 1e-9)
+    px = lambda x, y: (m + (x - x0) / (x1 - x0) * (W - 2 * m), H - m - (y - y0) / (y1 - y0) * (H - 2 * m))
+    draw.rectangle([m, m, W - m, H - m], outline="black")
+    for y in np.linspace(y0, y1, 5):
+        draw.text((2, px(x0, y)[1] - 6), f"{y:.3g}", fill="black")
+    for x in np.linspace(x0, x1, 5):
+        draw.text((px(x, y0)[0] - 10, H - m + 4), f"{x:.3g}", fill="black")
+    draw.text((m, 8), title, fill="black")
+    draw.text((W // 2 - 20, H - 18), xlabel, fill="black")
+    for j, (name, (x, y)) in enumerate(series.items()):
+        pts, c = [px(a, b) for a, b in zip(x, y)], colors[j % len(colors)]
+        if len(pts) > 1:
+            draw.line(pts, fill=c, width=2)
+        for a, b in pts:
+            draw.ellipse([a - 2, b - 2, a + 2, b + 2], fill=c)
+        draw.text((m + 6, m + 4 + 14 * j), name, fill=c)
+    return img

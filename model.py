@@ -448,6 +448,104 @@ def sd3_sigmas(num_steps, shift=3.0, num_train_timesteps=1000):
     return torch.cat([sh(t), torch.zeros(1, dtype=torch.float64)]).float()
 
 
+def x0_hat(x, sigma, v):
+    """One-step prediction of the clean latent from x_sigma and the velocity: x0 = x - sigma * v."""
+    return x - sigma * v
+
+
+def gaussian_log_prob(x, mean, std):
+    """log N(x; mean, std^2) in float32, averaged over all non-batch elements (Flow-GRPO) -> (B,)."""
+    x, mean = x.float(), mean.float()
+    lp = -((x - mean) ** 2) / (2 * std ** 2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.mean(dim=tuple(range(1, x.ndim)))
+
+
+def draw_noise(shape, generator=None, device="cpu"):
+    """Standard normal noise; generator may be a list, one per batch row (seeded per image, so a sample does
+    not depend on how the batch is split over ranks or micro-batches)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g) for g in generator]).to(device)
+    return torch.randn(shape, generator=generator).to(device)
+
+
+def sde_step(v, x, sigma, sigma_next, noise_level=0.7, prev_sample=None, generator=None, sigma1=None):
+    """Flow-GRPO's SDE step with its log-probability (DESIGN.md section 6), dt = sigma_next - sigma < 0:
+        std = a sqrt(sigma / (1 - sigma')), sigma' = sigma1 (= sigmas[1]) when sigma == 1, else sigma
+        mu  = x + v dt + std^2 / (2 sigma) (x + (1 - sigma) v) dt;   x_next = mu + std sqrt(-dt) z
+    -> (x_next, log_prob (B,), mu, std sqrt(-dt)). prev_sample given: it is x_next (training re-scores it).
+    noise_level 0: the Euler step x + v dt, log_prob 0."""
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    dt = sigma_next - sigma
+    x, v = x.float(), v.float()
+    if noise_level == 0:
+        x_next = x + v * dt if prev_sample is None else prev_sample.float()
+        return x_next, torch.zeros(x.shape[0], device=x.device), x + v * dt, 0.0
+    if sigma == 1 and sigma1 is None:
+        raise ValueError("sde_step at sigma = 1 needs sigma1 (sigmas[1] of the schedule)")
+    s = sigma1 if sigma == 1 else sigma
+    std = noise_level * math.sqrt(sigma / (1 - s))
+    mu = x + v * dt + std ** 2 / (2 * sigma) * (x + (1 - sigma) * v) * dt
+    scale = std * math.sqrt(-dt)
+    x_next = mu + scale * draw_noise(x.shape, generator, x.device) if prev_sample is None else prev_sample.float()
+    return x_next, gaussian_log_prob(x_next, mu, scale), mu, scale
+
+
+def cps_step(v, x, sigma, sigma_next, noise_level=0.8, prev_sample=None, generator=None, sigma1=None):
+    """Coefficients-preserving sampling (DiNa-LRM's GRPO recipe), same signature and returns as sde_step:
+        std = sigma_next sin(a pi / 2),  mu = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) x1_hat
+    with x0_hat = x - sigma v, x1_hat = x + (1 - sigma) v;  x_next = mu + std z. The log-prob is the true Gaussian
+    density (Flow-GRPO's CPS code logs -(x_next - mu)^2 without its scaling, so its clip range has another scale).
+    The last step (sigma_next = 0) has std 0: the Euler step, log_prob 0."""
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    x, v = x.float(), v.float()
+    std = sigma_next * math.sin(noise_level * math.pi / 2)
+    mu = (1 - sigma_next) * x0_hat(x, sigma, v) + math.sqrt(max(sigma_next ** 2 - std ** 2, 0.0)) * (x + (1 - sigma) * v)
+    if std == 0:
+        x_next = mu if prev_sample is None else prev_sample.float()
+        return x_next, torch.zeros(x.shape[0], device=x.device), mu, 0.0
+    x_next = mu + std * draw_noise(x.shape, generator, x.device) if prev_sample is None else prev_sample.float()
+    return x_next, gaussian_log_prob(x_next, mu, std), mu, std
+
+
+SDE_STEPS = {"sde": sde_step, "cps": cps_step}
+
+
+def velocity(transformer, x, sigma, prompt_embeds, pooled, guidance_scale=1.0, negative=None):
+    """The generator's velocity at noise level sigma, (B,C,H,W) float32; CFG as diffusers' SD3 pipeline: one forward
+    of [uncond; cond], v = v_u + w (v_c - v_u), the negative prompt's (embeds, pooled) broadcast over the batch."""
+    t = torch.full((x.shape[0],), 1000 * float(sigma), device=x.device)
+    if guidance_scale > 1:
+        neg_pe, neg_pooled = (n.expand(len(x), *n.shape[1:]) for n in negative)
+        v = transformer(hidden_states=torch.cat([x, x]), timestep=torch.cat([t, t]), return_dict=False,
+                        encoder_hidden_states=torch.cat([neg_pe, prompt_embeds]),
+                        pooled_projections=torch.cat([neg_pooled, pooled]))[0].float()
+        v_u, v_c = v.chunk(2)
+        return v_u + guidance_scale * (v_c - v_u)
+    return transformer(hidden_states=x, timestep=t, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
+                       return_dict=False)[0].float()
+
+
+def sample(transformer, latents, sigmas, prompt_embeds, pooled, guidance_scale=1.0, negative=None, noise_level=0.0,
+           sde_steps=None, generator=None, sde_type="sde"):
+    """The sampling loop every alignment stage and evaluation share (DESIGN.md section 6).
+    latents: the initial noise (B,C,H,W); sigmas: sd3_sigmas(N) (N+1 values); sde_steps: the stochastic step indices
+    (None: all when noise_level > 0; the Flow-GRPO-Fast window otherwise); the other steps are Euler (ODE).
+    -> dict(latents (B,C,H,W), trajectory (B,N+1,C,H,W), log_probs (B,N), 0 on ODE steps), float32.
+    noise_level 0 reproduces StableDiffusion3Pipeline(..., output_type="latent") of the same transformer."""
+    if sde_type not in SDE_STEPS:
+        raise ValueError(f"unknown SDE type {sde_type!r}; choose {' or '.join(SDE_STEPS)}")
+    n = len(sigmas) - 1
+    stochastic = set(range(n) if sde_steps is None else sde_steps) if noise_level > 0 else set()
+    x, traj, log_probs = latents.float(), [latents.float()], []
+    for i in range(n):
+        v = velocity(transformer, x, sigmas[i], prompt_embeds, pooled, guidance_scale, negative)
+        a = noise_level if i in stochastic else 0.0
+        x, lp, _, _ = SDE_STEPS[sde_type](v, x, sigmas[i], sigmas[i + 1], a, generator=generator, sigma1=float(sigmas[1]))
+        traj.append(x)
+        log_probs.append(lp)
+    return dict(latents=x, trajectory=torch.stack(traj, 1), log_probs=torch.stack(log_probs, 1))
+
+
 def prompt_noise(seed, prompt_key, rep, shape):
     """Evaluation noise shared by every image of one prompt, seeded by (seed, prompt, repeat): the two
     images of a pair get the same noise, independent of batching, order and world size.
@@ -473,6 +571,124 @@ def sample_t(n, mode="uniform", generator=None, mu=0.0, s=1.0, t_fixed=0.4, shif
     if mode == "fixed":
         return torch.full((n,), float(t_fixed))
     raise ValueError(f"unknown t-sampling {mode!r}; choose uniform, logit-normal or fixed")
+
+def seeded(*keys):
+    """A torch.Generator seeded by a tuple of non-negative ints (seed, iteration, image, ...): the same image gets the
+    same noise whatever the batching, rank or world size."""
+    s = 0
+    for k in keys:
+        s = (s * 1_000_003 + int(k) + 1) % 2 ** 63
+    return torch.Generator().manual_seed(s)
+
+# -----------------------------------------------------------------------------
+# The generator as a policy (alignment stages): encode prompts once, LoRA on its transformer, the reward beside it
+
+
+@torch.no_grad()
+def encode_prompt_table(pipe, prompts, max_text_len, device="cpu"):
+    """Every distinct prompt (and the empty one, CFG's negative) through the pipeline's text encoders, once per run:
+    -> {prompt: (prompt_embeds (L, D), pooled (P,))}. The generator and the latent reward read these same embeddings."""
+    names = sorted(set(prompts) | {""})
+    table = {}
+    for i in range(0, len(names), 64):
+        chunk = names[i:i + 64]
+        pe, _, pooled, _ = pipe.encode_prompt(chunk, chunk, chunk, device=device, do_classifier_free_guidance=False,
+                                              max_sequence_length=max_text_len)
+        table.update({p: (e.float().cpu(), q.float().cpu()) for p, e, q in zip(chunk, pe, pooled)})
+    return table
+
+
+def embeds(table, prompts, device="cpu"):
+    """-> (prompt_embeds (B, L, D), pooled (B, P)) of a list of prompts from encode_prompt_table's table."""
+    return tuple(torch.stack([table[p][j] for p in prompts]).to(device) for j in (0, 1))
+
+
+POLICY_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # Flow-GRPO's LoRA targets on SD3.5 (attention projections)
+
+
+def add_policy_lora(transformer, rank=32, alpha=64, targets=POLICY_TARGETS, seed=0):
+    """LoRA on the generator (diffusers' add_adapter; B = 0, so the policy starts as the base model). Only the LoRA
+    weights train. -> {name: parameter} of them. The KL reference is the same network with the adapter disabled."""
+    from peft import LoraConfig
+    torch.manual_seed(seed)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian"))
+    params = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
+    for p in params.values():
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def save_policy_lora(folder, transformer):
+    """The policy's LoRA (as the transformer holds it now) in diffusers' format, with its alpha in the metadata:
+    StableDiffusion3Pipeline.from_pretrained(base).load_lora_weights(folder) gives the aligned generator."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+    state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(folder)) or ".", prefix=".lora_tmp_")
+    StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=state,
+                                               transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    os.rmdir(tmp)
+
+
+def load_reward_for(path, transformer, device="cpu"):
+    """A frozen train_reward.py checkpoint (EMA weights), checked against the generator it will judge: it must read the
+    generator's latents (channels) and its prompt embeddings (widths). -> (RewardModel, its args)."""
+    reward, meta = load_reward_model(path if path.endswith(".safetensors") else os.path.join(path, "ckpt.safetensors"))
+    mine, gen = reward.tap.config, transformer.config
+    for key in ("in_channels", "joint_attention_dim", "pooled_projection_dim"):
+        if getattr(mine, key) != getattr(gen, key):
+            raise ValueError(f"{path}: the reward's backbone has {key}={getattr(mine, key)} but the generator has "
+                             f"{getattr(gen, key)}; train the reward on this generator's backbone")
+    reward.requires_grad_(False)
+    return reward.to(device), meta["args"]
+
+
+@torch.no_grad()
+def decode_latents(vae, z):
+    """Normalised latents (B,C,h,w) -> PIL images through the VAE (evaluation and the toy oracle only)."""
+    from PIL import Image
+    x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in x]
+
+
+@torch.no_grad()
+def evaluate_policy(transformer, table, splits, n_seeds, sigmas, cfg, reward_fn, shape, vae=None, oracle=False, batch=64):
+    """The alignment stages' evaluation (DESIGN.md section 10): ODE samples of fixed prompts and seeds (image k of a
+    prompt always starts from the noise seeded(4242, k, its index in the split)); the proxy reward; on the toy the
+    golden oracle on the decoded images and its prompt-match rates. splits {name: prompts}; reward_fn(latents, prompts)
+    -> (B,); shape: the latent's (h, w). -> {name: dict(reward, golden, color, shape, background, golden_all)}, {name: first-seed PIL images}."""
+    dev = next(transformer.parameters()).device
+    report, images = {}, {}
+    for name, prompts in splits.items():
+        items = [(p, i, k) for k in range(n_seeds) for i, p in enumerate(prompts)]
+        z, r = [], []
+        for c in range(0, len(items), batch):
+            chunk = items[c:c + batch]
+            noise = torch.stack([torch.randn(transformer.config.in_channels, *shape, generator=seeded(4242, k, i))
+                                 for _, i, k in chunk]).to(dev)
+            pe, pooled = embeds(table, [p for p, _, _ in chunk], dev)
+            lat = sample(transformer, noise, sigmas, pe, pooled, cfg, embeds(table, [""], dev))["latents"]
+            r.append(reward_fn(lat, [p for p, _, _ in chunk]).float().cpu())
+            z.append(lat.cpu())
+        z = torch.cat(z)
+        report[name] = dict(reward=torch.cat(r).mean().item())
+        if vae is not None:
+            pil = [im for c in range(0, len(z), batch) for im in decode_latents(vae, z[c:c + batch].to(dev))]
+            images[name] = pil[:len(prompts)]
+        if oracle:
+            import toy
+            golden = toy.toy_golden_score(pil, [p for p, _, _ in items])
+            stats = toy.match_stats(pil, [p for p, _, _ in items])
+            report[name].update(golden=float(golden.mean()), golden_all=golden.tolist(),
+                                **{k: stats[k] for k in ("color", "shape", "background", "match")})
+    return report, images
+
 
 # -----------------------------------------------------------------------------
 # Losses (DESIGN.md section 5); r_pos, r_neg (B,) rewards of the preferred / other image

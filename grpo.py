@@ -1,0 +1,444 @@
+"""
+Flow-GRPO (and Flow-GRPO-Fast) with the latent reward: the generator samples groups of images per prompt with an SDE
+(so every step has a log-probability), a frozen latent reward model scores the final latents (no VAE decode, no text
+encoding: it reads the generator's own latents and prompt embeddings), rewards are normalised within each group, and
+the LoRA policy takes a PPO-clipped step on every trained denoising step, with a KL to the adapter-disabled reference.
+
+Toy world (after the quick start `python train_reward.py`; about 9 minutes on 2 CPU cores):
+    python grpo.py                                   # the latent reward out/reward-toy-dina
+    python grpo.py --reward oracle --out out/grpo-oracle     # the ceiling: decode and score with the golden oracle
+    python grpo.py --sde-window 2 --out out/grpo-fast        # Flow-GRPO-Fast: SDE and training on a 2-step window
+SD3.5-M with a DiNa-LRM reward trained here, 8 GPUs (Flow-GRPO's recipe; --recipe dina for DiNa-LRM's):
+    torchrun --nproc_per_node=8 grpo.py --backbone sd35m --reward out/reward-sd35m-dina \
+        --prompts prompts_train.txt --eval-prompts prompts_eval.txt --heldout-prompts prompts_heldout.txt --out out/grpo-sd35m
+
+One iteration, in plain sight: G prompts x K images (spread over ranks, each image's noise seeded by (seed, iteration,
+image), so results do not depend on the world size) -> SDE rollouts with old log-probs -> rewards (all-gathered) ->
+advantages A = (r - mean_group) / (std_group + 1e-4) per reward, weighted, clipped -> U optimizer updates, each on
+1/U of the images over all trained steps: loss = max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) + beta KL.
+
+Deviations (honest notes): log-probs are the true Gaussian log-density (DESIGN.md 6), so --clip-range on CPS is not on
+the scale of the released DiNa/Flow-GRPO CPS code; gradients are all-reduced by hand after each update's backward
+passes (LoRA tensors are small) instead of DDP; the EMA is stepped after every optimizer step (Flow-GRPO: every 8).
+DiNa's reward normalisation (raw + 12) / 10 is affine, so group advantages do not change and it is not applied.
+"""
+
+import argparse
+import json
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import data
+from model import (SDE_STEPS, add_policy_lora, embeds, encode_prompt_table, evaluate_policy, load_checkpoint,
+                   load_pipeline, load_reward_for, sample, save_checkpoint, save_policy_lora, sd3_sigmas, seeded, velocity)
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--backbone", default="toy", help="the generator: tiny | toy | sd35m | sd35l")
+parser.add_argument("--backbone-path", default=None, help="diffusers folder or hub id overriding the preset")
+parser.add_argument("--reward", nargs="+", default=None, help="train_reward.py checkpoint folder(s); 'oracle' on the toy "
+                    "(decode + golden oracle: the ceiling). Default: out/reward-toy-dina on the toy")
+parser.add_argument("--reward-weight", nargs="+", type=float, default=None, help="weight of each reward's advantages (1)")
+parser.add_argument("--reward-t", type=float, default=None, help="noise level the reward reads (default: its checkpoint's t_eval)")
+parser.add_argument("--prompts", default=None, help="training prompts, one per line (toy: out/toy/prompts_train.txt)")
+parser.add_argument("--eval-prompts", default=None, help="fixed evaluation prompts seen in training (toy: the training prompts)")
+parser.add_argument("--heldout-prompts", default=None, help="fixed held-out evaluation prompts (toy: out/toy/prompts_heldout.txt)")
+parser.add_argument("--recipe", default="flow-grpo", help="flow-grpo | dina: the defaults of the flags left alone")
+# None = the recipe's value (help: Flow-GRPO SD3.5 / toy), filled in by resolve_args
+parser.add_argument("--iters", type=int, default=None, help="iterations (sample, score, update): 1000 / 24")
+parser.add_argument("--group-size", type=int, default=None, help="K images per prompt: 24 / 8")
+parser.add_argument("--groups", type=int, default=None, help="prompts per iteration (over all ranks): 48 / 6")
+parser.add_argument("--updates", type=int, default=None, help="optimizer steps per iteration, each on 1/U of the images: 2 / 1")
+parser.add_argument("--batch", type=int, default=None, help="images per forward on one rank, sampling and training alike "
+                    "(equal batches make the first importance ratio exactly 1): 8 / 48")
+parser.add_argument("--resolution", type=int, default=None, help="image side: 512 (Flow-GRPO) / 32")
+parser.add_argument("--steps", type=int, default=10, help="sampling steps of the rollouts (Flow-GRPO: 10)")
+parser.add_argument("--eval-steps", type=int, default=None, help="ODE steps of the evaluation samples: 40 / 10")
+parser.add_argument("--eval-seeds", type=int, default=None, help="images per evaluation prompt (fixed seeds): 2 / 4")
+parser.add_argument("--cfg", type=float, default=None, help="guidance in rollouts and training, 1 = off: 4.5 (dina: 1)")
+parser.add_argument("--eval-cfg", type=float, default=4.5, help="guidance of the evaluation samples")
+parser.add_argument("--sde-type", default=None, help="sde (Flow-GRPO) | cps (coefficients-preserving; dina)")
+parser.add_argument("--noise-level", type=float, default=None, help="SDE noise a: 0.7 (cps: 0.8)")
+parser.add_argument("--sde-window", type=int, default=None, help="Flow-GRPO-Fast: W stochastic, trained steps, ODE elsewhere; "
+                    "0 = all steps (Flow-GRPO): 0 (dina: 3)")
+parser.add_argument("--sde-window-range", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+                    help="START,END: the window's first step is drawn from [START, END) (default 0,steps-W+1; dina 0,5)")
+parser.add_argument("--timestep-fraction", type=float, default=0.99, help="share of the stochastic steps trained, from the "
+                    "first: 0.99 trains 9 of 10 (the last is stochastic but untrained)")
+parser.add_argument("--adv-clip", type=float, default=5.0, help="advantages clipped to +-this")
+parser.add_argument("--global-std", action="store_true", help="normalise by the std of the whole batch, not of the group")
+parser.add_argument("--clip-range", type=float, default=None, help="PPO ratio clip eps: 1e-4 (dina 3e-6)")
+parser.add_argument("--beta", type=float, default=None, help="KL weight: 0.04 (Flow-GRPO GenEval; dina 0.004)")
+parser.add_argument("--lr", type=float, default=None, help="AdamW: 3e-4 (dina 5e-5) / toy 1e-3")
+parser.add_argument("--weight-decay", type=float, default=1e-4)
+parser.add_argument("--grad-clip", type=float, default=1.0)
+parser.add_argument("--lora-rank", type=int, default=None, help="32 / 8")
+parser.add_argument("--lora-alpha", type=int, default=None, help="64 / 16 (2 x rank)")
+parser.add_argument("--ema", type=float, default=0.9, help="EMA decay of the LoRA weights used for evaluation and export; 0 = off")
+parser.add_argument("--out", default="out/grpo")
+parser.add_argument("--eval-interval", type=int, default=None, help="iterations between evaluations: 25 / 6 (0: first and last only)")
+parser.add_argument("--ckpt-interval", type=int, default=None, help="iterations between checkpoints: 25 / 6")
+parser.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.safetensors")
+parser.add_argument("--seed", type=int, default=0)
+
+# (SD3.5, toy) values of the flags left at None. Flow-GRPO: config/grpo.py pickscore_sd3 (24 images per prompt, 48 groups
+# per epoch, 2 updates), train.beta of its GenEval config; the toy's fit a 10-minute CPU run (README: measured)
+DEFAULTS = dict(iters=(1000, 24), resolution=(512, 32), group_size=(24, 8), groups=(48, 6), updates=(2, 1), batch=(8, 48), eval_steps=(40, 10),
+                eval_seeds=(2, 4), cfg=(4.5, 4.5), sde_type=("sde", "sde"), noise_level=(0.7, 0.7), sde_window=(0, 0),
+                clip_range=(1e-4, 1e-4), beta=(0.04, 0.04), lr=(3e-4, 1e-3), lora_rank=(32, 8), lora_alpha=(64, 16),
+                eval_interval=(25, 6), ckpt_interval=(25, 6))
+# DiNa-LRM's GRPO recipe with its latent reward (Fast, CPS 0.8, a 3-step window starting in [0, 5), no CFG, groups of 18)
+DINA = dict(sde_type="cps", noise_level=0.8, sde_window=3, sde_window_range=(0, 5), cfg=1.0, group_size=18,
+            clip_range=3e-6, beta=0.004, lr=5e-5)
+
+
+def resolve_args(args):
+    if args.recipe not in ("flow-grpo", "dina"):
+        raise ValueError(f"unknown --recipe {args.recipe!r}; choose flow-grpo or dina")
+    small = args.backbone in ("toy", "tiny")
+    for k, v in (DINA if args.recipe == "dina" else {}).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for k, (full, lap) in DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, lap if small else full)
+    if args.sde_type not in SDE_STEPS:
+        raise ValueError(f"unknown --sde-type {args.sde_type!r}; choose {' or '.join(SDE_STEPS)}")
+    if args.backbone == "toy":
+        args.reward = args.reward or ["out/reward-toy-dina"]
+        args.prompts = args.prompts or "out/toy/prompts_train.txt"
+        args.eval_prompts = args.eval_prompts or "out/toy/prompts_train.txt"
+        args.heldout_prompts = args.heldout_prompts or "out/toy/prompts_heldout.txt"
+    if not args.reward:
+        raise ValueError("--reward is required: a train_reward.py checkpoint folder (or 'oracle' on the toy)")
+    args.reward_weight = args.reward_weight or [1.0] * len(args.reward)
+    if len(args.reward_weight) != len(args.reward):
+        raise ValueError(f"--reward-weight has {len(args.reward_weight)} values for {len(args.reward)} rewards")
+    if not 0 <= args.sde_window <= args.steps:
+        raise ValueError(f"--sde-window {args.sde_window} is outside the {args.steps}-step schedule")
+    w = args.sde_window or args.steps
+    args.sde_window_range = args.sde_window_range or (0, args.steps - w + 1)
+    lo, hi = args.sde_window_range
+    if not (0 <= lo < hi and hi + w - 1 <= args.steps):
+        raise ValueError(f"--sde-window-range {lo},{hi} with window {w} does not fit the {args.steps}-step schedule")
+    return args
+
+
+def schedule(args, it):
+    """-> (stochastic steps, trained steps) of iteration `it`: all steps, or a window whose start is seeded by it."""
+    if not args.sde_window:
+        sde = list(range(args.steps))
+    else:
+        start = torch.randint(*args.sde_window_range, (1,), generator=seeded(args.seed, it, 1)).item()
+        sde = list(range(start, start + args.sde_window))
+    n_train = max(1, int(len(sde) * args.timestep_fraction)) if len(sde) > 1 else 1
+    return sde, sde[:n_train]
+
+
+def advantages(rewards, groups, weights, global_std=False, clip=5.0):
+    """rewards (R, N) of R reward models, groups (N,) group ids -> (N,) sum over rewards of weight x
+    (r - mean of its group) / (std + 1e-4), std of the group (population std, as numpy) or of the whole batch."""
+    adv = torch.zeros(rewards.shape[1])
+    for r, w in zip(rewards, weights):
+        for g in groups.unique():
+            m = groups == g
+            std = r.std(unbiased=False) if global_std else r[m].std(unbiased=False)
+            adv[m] += w * (r[m] - r[m].mean()) / (std + 1e-4)
+    return adv.clamp(-clip, clip)
+
+
+def grpo_loss(log_prob, old_log_prob, adv, clip_range, mean=None, mean_ref=None, std=None, beta=0.0):
+    """Per-image clipped policy loss max(-A r, -A clip(r, 1 +- eps)), r = exp(log_prob - old), and the KL of two Gaussians
+    with one std, mean((mu - mu_ref)^2) / (2 std^2) -> (loss (B,), kl (B,), ratio (B,))."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
+    kl = torch.zeros_like(loss)
+    if beta > 0:
+        kl = ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std ** 2)
+    return loss + beta * kl, kl, ratio
+
+
+def print0(*a):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, flush=True)
+
+
+def main(args):
+    args = resolve_args(args)
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    n_img = args.groups * args.group_size
+    if n_img % (world * args.updates):
+        raise ValueError(f"--groups {args.groups} x --group-size {args.group_size} = {n_img} images do not divide over "
+                         f"{world} rank(s) x --updates {args.updates}")
+    n_local = n_img // world
+    train_prompts = data.read_prompts(args.prompts, "--prompts")
+    splits = {"train": data.read_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else train_prompts[:32]}
+    if args.heldout_prompts:
+        splits["heldout"] = data.read_prompts(args.heldout_prompts, "--heldout-prompts")
+
+    # ---------------------------------------------------------------------------- generator, rewards, prompts once
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    pipe = load_pipeline(args.backbone, args.backbone_path, args.seed, dtype=dtype).to(device)
+    transformer, vae = pipe.transformer, pipe.vae
+    rewards, text_len = [], {}
+    for path in args.reward:
+        if path == "oracle":
+            if args.backbone != "toy":
+                raise ValueError("--reward oracle is the toy world's golden oracle; it needs --backbone toy")
+            rewards.append(("oracle", None, None))
+            continue
+        model, rargs = load_reward_for(path, transformer, device)
+        rewards.append((path, model, args.reward_t if args.reward_t is not None else rargs["t_eval"]))
+        text_len[path] = rargs["max_text_len"]
+    if len(set(text_len.values())) > 1:
+        raise ValueError(f"the rewards read prompts of different lengths {text_len}; they must share the embeddings")
+    table = encode_prompt_table(pipe, train_prompts + [p for s in splits.values() for p in s],
+                                next(iter(text_len.values()), 8 if args.backbone in ("toy", "tiny") else 77), device)
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # never called again
+    oracle = args.backbone == "toy"
+    shape = (args.resolution // pipe.vae_scale_factor,) * 2  # the latent's (h, w)
+    params = add_policy_lora(transformer, args.lora_rank, args.lora_alpha, seed=args.seed)
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
+    ema = {n: p.detach().clone() for n, p in params.items()}
+    sigmas, eval_sigmas = sd3_sigmas(args.steps), sd3_sigmas(args.eval_steps)
+    neg = embeds(table, [""], device)
+    step_fn = SDE_STEPS[args.sde_type]
+
+    def score(lat, prompts, keys):
+        """(R, B) rewards of final latents; each image's reward noise seeded by its key (seed, iteration, image)."""
+        out = []
+        for path, model, t in rewards:
+            if model is None:  # the golden oracle on decoded images (the toy's ceiling; a decode in the loop)
+                import toy
+                out.append(torch.tensor(toy.toy_golden_score(decode(lat), prompts), dtype=torch.float32))
+                continue
+            eps = torch.stack([torch.randn(lat.shape[1:], generator=seeded(*k, 7)) for k in keys]).to(device)
+            pe, pooled = embeds(table, prompts, device)
+            with autocast:
+                out.append(model.score(lat, pe, pooled, t=t, noise=eps).float().cpu())
+        return torch.stack(out)
+
+    from model import decode_latents as _decode
+    decode = lambda lat: _decode(vae, lat)
+
+    def proxy(lat, prompts):  # the evaluation's proxy: the weighted sum of the raw rewards (fixed reward noise)
+        r = score(lat, prompts, [(args.seed, 10 ** 9, i) for i in range(len(lat))])
+        return (torch.tensor(args.reward_weight)[:, None] * r).sum(0)
+
+    def swap_ema():
+        for n, p in params.items():
+            tmp = p.detach().clone()
+            p.data.copy_(ema[n])
+            ema[n].copy_(tmp)
+
+    def evaluate():
+        swap_ema()
+        with autocast:
+            rep, imgs = evaluate_policy(transformer, table, splits, args.eval_seeds, eval_sigmas, args.eval_cfg, proxy,
+                                        shape, vae, oracle)
+        swap_ema()
+        return rep, imgs
+
+    # ---------------------------------------------------------------------------- resume, or the evaluation before
+    it, ckpt_path, log_path = 0, os.path.join(args.out, "ckpt.safetensors"), os.path.join(args.out, "log.jsonl")
+    history = []
+    if args.resume and os.path.isfile(ckpt_path):
+        tensors, meta = load_checkpoint(ckpt_path)
+        it, history = meta["iteration"], meta["history"]
+        for n, p in params.items():
+            p.data.copy_(tensors[f"lora.{n}"])
+            ema[n].copy_(tensors[f"ema.{n}"])
+            if f"optim.{n}.exp_avg" in tensors:
+                opt.state[p] = {k: tensors[f"optim.{n}.{k}"].to("cpu" if k == "step" else device)
+                                for k in ("step", "exp_avg", "exp_avg_sq")}
+        print0(f"resumed from {ckpt_path} at iteration {it}")
+    os.makedirs(args.out, exist_ok=True)
+    if rank == 0 and os.path.isfile(log_path):  # drop what a killed run logged after its checkpoint
+        keep = [line for line in open(log_path) if 0 < json.loads(line)["iter"] <= it] if it else []
+        open(log_path, "w").writelines(keep)
+    if not history:
+        rep, before_images = evaluate()
+        history = [dict(iter=0, **rep)]
+        if rank == 0:
+            data.image_grid([before_images[s][:12] for s in splits]).save(os.path.join(args.out, "before.png"))
+    print0(f"world {world}: {args.groups} prompts x {args.group_size} images = {n_img} per iteration, {n_local} per rank, "
+           f"{args.updates} update(s); {sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
+    print0("before: " + describe(history[0]))
+
+    def checkpoint():
+        tensors = {f"lora.{n}": p for n, p in params.items()} | {f"ema.{n}": e for n, e in ema.items()}
+        for n, p in params.items():
+            for k, v in opt.state.get(p, {}).items():
+                tensors[f"optim.{n}.{k}"] = v
+        save_checkpoint(ckpt_path, tensors, dict(args=vars(args), iteration=it, history=history, world_size=world))
+
+    # ---------------------------------------------------------------------------- the loop
+    after_images = None
+    bar = tqdm(total=args.iters, initial=it, disable=rank != 0, desc="grpo")
+    while it < args.iters:
+        t0 = time.time()
+        order = torch.randperm(len(train_prompts), generator=seeded(args.seed, it, 0)).tolist()
+        group_prompts = [train_prompts[order[g % len(order)]] for g in range(args.groups)]
+        mine = list(range(rank * n_local, (rank + 1) * n_local))  # this rank's images of the global batch
+        prompts = [group_prompts[i // args.group_size] for i in mine]
+        sde, trained = schedule(args, it)
+        # rollouts: initial and SDE noise from one generator per image
+        traj, old_lp, lat = [], [], []
+        with torch.no_grad(), autocast:
+            for c in range(0, n_local, args.batch):
+                gens = [seeded(args.seed, it, i) for i in mine[c:c + args.batch]]
+                z = torch.stack([torch.randn(transformer.config.in_channels, *shape, generator=g) for g in gens]).to(device)
+                pe, pooled = embeds(table, prompts[c:c + args.batch], device)
+                out = sample(transformer, z, sigmas, pe, pooled, args.cfg, neg, args.noise_level, sde, gens, args.sde_type)
+                traj.append(out["trajectory"])
+                old_lp.append(out["log_probs"])
+                lat.append(out["latents"])
+        traj, old_lp, lat = torch.cat(traj), torch.cat(old_lp), torch.cat(lat)
+        t1 = time.time()
+        with torch.no_grad():
+            r_local = score(lat, prompts, [(args.seed, it, i) for i in mine])  # (R, n_local)
+        if ddp:
+            parts = [torch.empty_like(r_local) for _ in range(world)]
+            dist.all_gather(parts, r_local.contiguous())
+            r_all = torch.cat(parts, 1)
+        else:
+            r_all = r_local
+        if not torch.isfinite(r_all).all():
+            bad = (~torch.isfinite(r_all)).nonzero()[0, 1].item()
+            raise FloatingPointError(f"iteration {it}: non-finite reward for prompt {group_prompts[bad // args.group_size]!r}")
+        adv_all = advantages(r_all, torch.arange(n_img) // args.group_size, args.reward_weight, args.global_std, args.adv_clip)
+        adv = adv_all[mine].to(device)
+        t2 = time.time()
+        # training: U updates, each over its share of this rank's images and every trained step
+        stats = dict(loss=0.0, kl=0.0, ratio_dev=0.0, clipfrac=0.0)
+        per_update = n_local // args.updates
+        denom = n_img // args.updates * len(trained)  # the loss is the mean over the update's global images and steps
+        for u in range(args.updates):
+            for c in range(u * per_update, (u + 1) * per_update, args.batch):
+                rows = slice(c, min(c + args.batch, (u + 1) * per_update))
+                pe, pooled = embeds(table, prompts[rows], device)
+                for j in trained:
+                    x, x_next = traj[rows, j], traj[rows, j + 1]
+                    with autocast:
+                        v = velocity(transformer, x, sigmas[j], pe, pooled, args.cfg, neg)
+                    _, lp, mu, std = step_fn(v, x, sigmas[j], sigmas[j + 1], args.noise_level, x_next, sigma1=float(sigmas[1]))
+                    mu_ref = None
+                    if args.beta > 0:
+                        with torch.no_grad(), autocast:
+                            transformer.disable_adapters()
+                            v_ref = velocity(transformer, x, sigmas[j], pe, pooled, args.cfg, neg)
+                            transformer.enable_adapters()
+                        mu_ref = step_fn(v_ref, x, sigmas[j], sigmas[j + 1], args.noise_level, x_next, sigma1=float(sigmas[1]))[2]
+                    loss, kl, ratio = grpo_loss(lp, old_lp[rows, j], adv[rows], args.clip_range, mu, mu_ref, std, args.beta)
+                    loss.sum().div(denom).backward()
+                    stats["loss"] += loss.sum().item() / denom
+                    stats["kl"] += kl.sum().item() / denom
+                    stats["ratio_dev"] = max(stats["ratio_dev"], (ratio - 1).abs().max().item())
+                    stats["clipfrac"] += ((ratio - 1).abs() > args.clip_range).float().sum().item() / denom
+            grads = torch.cat([p.grad.flatten() for p in params.values()])
+            if ddp:
+                dist.all_reduce(grads)
+            if not torch.isfinite(grads).all():
+                raise FloatingPointError(f"iteration {it}: non-finite loss or gradient (prompts {group_prompts[:3]}...)")
+            k = 0
+            for p in params.values():
+                p.grad.copy_(grads[k:k + p.numel()].view_as(p))
+                k += p.numel()
+            torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+            with torch.no_grad():
+                for n, p in params.items():
+                    ema[n].lerp_(p.detach(), 1 - args.ema)  # ema 0: a copy of the live weights
+        if ddp:
+            parts = [None] * world
+            dist.all_gather_object(parts, stats)
+            stats = {k: max(s[k] for s in parts) if k == "ratio_dev" else sum(s[k] for s in parts) for k in stats}
+        it += 1
+        t3 = time.time()
+        rec = dict(iter=it, reward=r_all.mean(1).tolist(), reward_std=r_all.std(1).tolist(), **stats,
+                   sde_steps=sde, seconds=dict(sampling=t1 - t0, reward=t2 - t1, training=t3 - t2))
+        if (args.eval_interval and it % args.eval_interval == 0) or it == args.iters:
+            rep, after_images = evaluate()
+            history.append(dict(iter=it, **rep))
+            rec["eval"] = {s: {k: v for k, v in r.items() if k != "golden_all"} for s, r in rep.items()}
+            bar.write(f"iter {it}: " + describe(history[-1]))
+        if rank == 0:
+            bar.write(f"iter {it} | reward {rec['reward'][0]:.4f} | kl {stats['kl']:.3g} | clipfrac {stats['clipfrac']:.3f} | "
+                      f"s: sample {t1 - t0:.1f} reward {t2 - t1:.2f} train {t3 - t2:.1f}")
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if it % args.ckpt_interval == 0 or it == args.iters:
+                checkpoint()
+        bar.update(1)
+    bar.close()
+    if rank == 0:
+        finish(args, history, after_images, params, ema, transformer, splits)
+    if ddp:
+        dist.barrier()  # a normal exit after a barrier (destroy_process_group can abort under gloo)
+
+
+def describe(h):
+    parts = []
+    for s in ("train", "heldout"):
+        if s in h:
+            g = f" golden {h[s]['golden']:.4f} (color {h[s]['color']:.2f} shape {h[s]['shape']:.2f})" if "golden" in h[s] else ""
+            parts.append(f"{s}: proxy {h[s]['reward']:.4f}{g}")
+    return " | ".join(parts)
+
+
+def finish(args, history, after_images, params, ema, transformer, splits):
+    """summary.json, curves.png, the before/after grid, and the EMA LoRA in diffusers' format (<out>/lora)."""
+    first, last = history[0], history[-1]
+    summary = dict(iterations=last["iter"], seconds=None)
+    for s in splits:
+        summary[f"reward_before_{s}"], summary[f"reward_after_{s}"] = first[s]["reward"], last[s]["reward"]
+        if "golden_all" in first[s]:
+            d = torch.tensor(last[s]["golden_all"]) - torch.tensor(first[s]["golden_all"])
+            summary[f"golden_before_{s}"], summary[f"golden_after_{s}"] = first[s]["golden"], last[s]["golden"]
+            summary[f"golden_se_{s}"] = (d.std() / len(d) ** 0.5).item()  # SE of the paired difference
+            summary[f"shape_before_{s}"], summary[f"shape_after_{s}"] = first[s]["shape"], last[s]["shape"]
+    for k in ("golden_before", "golden_after", "golden_se", "reward_before", "reward_after"):
+        if f"{k}_train" in summary:
+            summary[k] = summary[f"{k}_train"]
+    log = [json.loads(line) for line in open(os.path.join(args.out, "log.jsonl"))]
+    summary["seconds"] = sum(sum(r["seconds"].values()) for r in log)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    panels = [data.line_chart({s: ([h["iter"] for h in history], [h[s][k] for h in history]) for s in splits if k in first[s]},
+                              f"{k} (EMA policy, fixed seeds)", "iteration") for k in ("reward", "golden") if k in first["train"]]
+    canvas = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
+    for j, p in enumerate(panels):
+        canvas.paste(p, (j * panels[0].width, 0))
+    canvas.save(os.path.join(args.out, "curves.png"))
+    if after_images:  # the same prompts and seeds: before (saved at the start) above, after below
+        before = Image.open(os.path.join(args.out, "before.png"))
+        after = data.image_grid([after_images[s][:12] for s in splits])
+        grid = Image.new("RGB", (before.width, before.height + after.height + 8), "white")
+        grid.paste(before, (0, 0))
+        grid.paste(after, (0, before.height + 8))
+        grid.save(os.path.join(args.out, "grid.png"))
+    for n, p in params.items():  # export the EMA weights (what was evaluated)
+        p.data.copy_(ema[n])
+    save_policy_lora(os.path.join(args.out, "lora"), transformer)
+    for s in splits:
+        line = f"{s}: proxy {first[s]['reward']:.4f} -> {last[s]['reward']:.4f}"
+        if "golden" in first[s]:
+            line += (f", golden {first[s]['golden']:.4f} -> {last[s]['golden']:.4f} ({last[s]['golden'] - first[s]['golden']:+.4f}"
+                     f" +- {summary[f'golden_se_{s}']:.4f}), shape match {first[s]['shape']:.2f} -> {last[s]['shape']:.2f}")
+        print0(f"final ({last['iter']} iterations, {summary['seconds']:.0f} s): {line}")
+    print0(f"aligned LoRA: {os.path.join(args.out, 'lora')} (pipe.load_lora_weights); summary {args.out}/summary.json")
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())
