@@ -31,12 +31,12 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from PIL import Image
 from tqdm import tqdm
 
 import data
-from model import (SDE_STEPS, add_policy_lora, embeds, encode_prompt_table, evaluate_policy, load_checkpoint,
-                   load_pipeline, load_reward_for, sample, save_checkpoint, save_policy_lora, sd3_sigmas, seeded, velocity)
+from model import (SDE_STEPS, add_policy_lora, decode_latents, embeds, encode_prompt_table, evaluate_policy, load_pipeline,
+                   load_policy_state, load_rewards, sample, save_policy_lora, save_policy_state, score_rewards, sd3_sigmas, seeded,
+                   velocity)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--backbone", default="toy", help="the generator: tiny | toy | sd35m | sd35l")
@@ -190,20 +190,9 @@ def main(args):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     pipe = load_pipeline(args.backbone, args.backbone_path, args.seed, dtype=dtype).to(device)
     transformer, vae = pipe.transformer, pipe.vae
-    rewards, text_len = [], {}
-    for path in args.reward:
-        if path == "oracle":
-            if args.backbone != "toy":
-                raise ValueError("--reward oracle is the toy world's golden oracle; it needs --backbone toy")
-            rewards.append(("oracle", None, None))
-            continue
-        model, rargs = load_reward_for(path, transformer, device)
-        rewards.append((path, model, args.reward_t if args.reward_t is not None else rargs["t_eval"]))
-        text_len[path] = rargs["max_text_len"]
-    if len(set(text_len.values())) > 1:
-        raise ValueError(f"the rewards read prompts of different lengths {text_len}; they must share the embeddings")
-    table = encode_prompt_table(pipe, train_prompts + [p for s in splits.values() for p in s],
-                                next(iter(text_len.values()), 8 if args.backbone in ("toy", "tiny") else 77), device)
+    rewards = load_rewards(args.reward, args.reward_weight, transformer, args.reward_t, device, args.backbone == "toy")
+    text_len = next((r["text_len"] for r in rewards if r["text_len"]), 8 if args.backbone in ("toy", "tiny") else 77)
+    table = encode_prompt_table(pipe, train_prompts + [p for s in splits.values() for p in s], text_len, device)
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # never called again
     oracle = args.backbone == "toy"
     shape = (args.resolution // pipe.vae_scale_factor,) * 2  # the latent's (h, w)
@@ -214,26 +203,12 @@ def main(args):
     neg = embeds(table, [""], device)
     step_fn = SDE_STEPS[args.sde_type]
 
-    def score(lat, prompts, keys):
-        """(R, B) rewards of final latents; each image's reward noise seeded by its key (seed, iteration, image)."""
-        out = []
-        for path, model, t in rewards:
-            if model is None:  # the golden oracle on decoded images (the toy's ceiling; a decode in the loop)
-                import toy
-                out.append(torch.tensor(toy.toy_golden_score(decode(lat), prompts), dtype=torch.float32))
-                continue
-            eps = torch.stack([torch.randn(lat.shape[1:], generator=seeded(*k, 7)) for k in keys]).to(device)
-            pe, pooled = embeds(table, prompts, device)
-            with autocast:
-                out.append(model.score(lat, pe, pooled, t=t, noise=eps).float().cpu())
-        return torch.stack(out)
-
-    from model import decode_latents as _decode
-    decode = lambda lat: _decode(vae, lat)
+    decode = lambda lat: decode_latents(vae, lat)
+    weights = torch.tensor(args.reward_weight)[:, None]
 
     def proxy(lat, prompts):  # the evaluation's proxy: the weighted sum of the raw rewards (fixed reward noise)
-        r = score(lat, prompts, [(args.seed, 10 ** 9, i) for i in range(len(lat))])
-        return (torch.tensor(args.reward_weight)[:, None] * r).sum(0)
+        keys = [(args.seed, 10 ** 9, i) for i in range(len(lat))]
+        return (weights * score_rewards(rewards, lat, prompts, table, keys, decode).cpu()).sum(0)
 
     def swap_ema():
         for n, p in params.items():
@@ -253,14 +228,8 @@ def main(args):
     it, ckpt_path, log_path = 0, os.path.join(args.out, "ckpt.safetensors"), os.path.join(args.out, "log.jsonl")
     history = []
     if args.resume and os.path.isfile(ckpt_path):
-        tensors, meta = load_checkpoint(ckpt_path)
+        meta = load_policy_state(ckpt_path, params, ema, opt, device)
         it, history = meta["iteration"], meta["history"]
-        for n, p in params.items():
-            p.data.copy_(tensors[f"lora.{n}"])
-            ema[n].copy_(tensors[f"ema.{n}"])
-            if f"optim.{n}.exp_avg" in tensors:
-                opt.state[p] = {k: tensors[f"optim.{n}.{k}"].to("cpu" if k == "step" else device)
-                                for k in ("step", "exp_avg", "exp_avg_sq")}
         print0(f"resumed from {ckpt_path} at iteration {it}")
     os.makedirs(args.out, exist_ok=True)
     if rank == 0 and os.path.isfile(log_path):  # drop what a killed run logged after its checkpoint
@@ -273,14 +242,7 @@ def main(args):
             data.image_grid([before_images[s][:12] for s in splits]).save(os.path.join(args.out, "before.png"))
     print0(f"world {world}: {args.groups} prompts x {args.group_size} images = {n_img} per iteration, {n_local} per rank, "
            f"{args.updates} update(s); {sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
-    print0("before: " + describe(history[0]))
-
-    def checkpoint():
-        tensors = {f"lora.{n}": p for n, p in params.items()} | {f"ema.{n}": e for n, e in ema.items()}
-        for n, p in params.items():
-            for k, v in opt.state.get(p, {}).items():
-                tensors[f"optim.{n}.{k}"] = v
-        save_checkpoint(ckpt_path, tensors, dict(args=vars(args), iteration=it, history=history, world_size=world))
+    print0("before: " + data.describe_eval(history[0]))
 
     # ---------------------------------------------------------------------------- the loop
     after_images = None
@@ -306,7 +268,8 @@ def main(args):
         traj, old_lp, lat = torch.cat(traj), torch.cat(old_lp), torch.cat(lat)
         t1 = time.time()
         with torch.no_grad():
-            r_local = score(lat, prompts, [(args.seed, it, i) for i in mine])  # (R, n_local)
+            with autocast:
+                r_local = score_rewards(rewards, lat, prompts, table, [(args.seed, it, i, 7) for i in mine], decode).cpu()
         if ddp:
             parts = [torch.empty_like(r_local) for _ in range(world)]
             dist.all_gather(parts, r_local.contiguous())
@@ -372,71 +335,31 @@ def main(args):
             rep, after_images = evaluate()
             history.append(dict(iter=it, **rep))
             rec["eval"] = {s: {k: v for k, v in r.items() if k != "golden_all"} for s, r in rep.items()}
-            bar.write(f"iter {it}: " + describe(history[-1]))
+            bar.write(f"iter {it}: " + data.describe_eval(history[-1]))
         if rank == 0:
             bar.write(f"iter {it} | reward {rec['reward'][0]:.4f} | kl {stats['kl']:.3g} | clipfrac {stats['clipfrac']:.3f} | "
                       f"s: sample {t1 - t0:.1f} reward {t2 - t1:.2f} train {t3 - t2:.1f}")
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if it % args.ckpt_interval == 0 or it == args.iters:
-                checkpoint()
+                save_policy_state(ckpt_path, params, ema, opt, dict(args=vars(args), iteration=it, history=history, world_size=world))
         bar.update(1)
     bar.close()
     if rank == 0:
-        finish(args, history, after_images, params, ema, transformer, splits)
+        finish(args, history, after_images, params, ema, transformer)
     if ddp:
         dist.barrier()  # a normal exit after a barrier (destroy_process_group can abort under gloo)
 
 
-def describe(h):
-    parts = []
-    for s in ("train", "heldout"):
-        if s in h:
-            g = f" golden {h[s]['golden']:.4f} (color {h[s]['color']:.2f} shape {h[s]['shape']:.2f})" if "golden" in h[s] else ""
-            parts.append(f"{s}: proxy {h[s]['reward']:.4f}{g}")
-    return " | ".join(parts)
-
-
-def finish(args, history, after_images, params, ema, transformer, splits):
-    """summary.json, curves.png, the before/after grid, and the EMA LoRA in diffusers' format (<out>/lora)."""
-    first, last = history[0], history[-1]
-    summary = dict(iterations=last["iter"], seconds=None)
-    for s in splits:
-        summary[f"reward_before_{s}"], summary[f"reward_after_{s}"] = first[s]["reward"], last[s]["reward"]
-        if "golden_all" in first[s]:
-            d = torch.tensor(last[s]["golden_all"]) - torch.tensor(first[s]["golden_all"])
-            summary[f"golden_before_{s}"], summary[f"golden_after_{s}"] = first[s]["golden"], last[s]["golden"]
-            summary[f"golden_se_{s}"] = (d.std() / len(d) ** 0.5).item()  # SE of the paired difference
-            summary[f"shape_before_{s}"], summary[f"shape_after_{s}"] = first[s]["shape"], last[s]["shape"]
-    for k in ("golden_before", "golden_after", "golden_se", "reward_before", "reward_after"):
-        if f"{k}_train" in summary:
-            summary[k] = summary[f"{k}_train"]
+def finish(args, history, after_images, params, ema, transformer):
+    """summary.json, curves.png, grid.png (data.alignment_report), the EMA LoRA in diffusers' format, the final lines."""
     log = [json.loads(line) for line in open(os.path.join(args.out, "log.jsonl"))]
-    summary["seconds"] = sum(sum(r["seconds"].values()) for r in log)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    panels = [data.line_chart({s: ([h["iter"] for h in history], [h[s][k] for h in history]) for s in splits if k in first[s]},
-                              f"{k} (EMA policy, fixed seeds)", "iteration") for k in ("reward", "golden") if k in first["train"]]
-    canvas = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
-    for j, p in enumerate(panels):
-        canvas.paste(p, (j * panels[0].width, 0))
-    canvas.save(os.path.join(args.out, "curves.png"))
-    if after_images:  # the same prompts and seeds: before (saved at the start) above, after below
-        before = Image.open(os.path.join(args.out, "before.png"))
-        after = data.image_grid([after_images[s][:12] for s in splits])
-        grid = Image.new("RGB", (before.width, before.height + after.height + 8), "white")
-        grid.paste(before, (0, 0))
-        grid.paste(after, (0, before.height + 8))
-        grid.save(os.path.join(args.out, "grid.png"))
+    summary, lines = data.alignment_report(args.out, history, sum(sum(r["seconds"].values()) for r in log), after_images)
     for n, p in params.items():  # export the EMA weights (what was evaluated)
         p.data.copy_(ema[n])
     save_policy_lora(os.path.join(args.out, "lora"), transformer)
-    for s in splits:
-        line = f"{s}: proxy {first[s]['reward']:.4f} -> {last[s]['reward']:.4f}"
-        if "golden" in first[s]:
-            line += (f", golden {first[s]['golden']:.4f} -> {last[s]['golden']:.4f} ({last[s]['golden'] - first[s]['golden']:+.4f}"
-                     f" +- {summary[f'golden_se_{s}']:.4f}), shape match {first[s]['shape']:.2f} -> {last[s]['shape']:.2f}")
-        print0(f"final ({last['iter']} iterations, {summary['seconds']:.0f} s): {line}")
+    for line in lines:
+        print0(f"final ({summary['iterations']} iterations, {summary['seconds']:.0f} s of training): {line}")
     print0(f"aligned LoRA: {os.path.join(args.out, 'lora')} (pipe.load_lora_weights); summary {args.out}/summary.json")
 
 

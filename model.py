@@ -635,17 +635,67 @@ def save_policy_lora(folder, transformer):
     os.rmdir(tmp)
 
 
-def load_reward_for(path, transformer, device="cpu"):
-    """A frozen train_reward.py checkpoint (EMA weights), checked against the generator it will judge: it must read the
-    generator's latents (channels) and its prompt embeddings (widths). -> (RewardModel, its args)."""
-    reward, meta = load_reward_model(path if path.endswith(".safetensors") else os.path.join(path, "ckpt.safetensors"))
-    mine, gen = reward.tap.config, transformer.config
-    for key in ("in_channels", "joint_attention_dim", "pooled_projection_dim"):
-        if getattr(mine, key) != getattr(gen, key):
-            raise ValueError(f"{path}: the reward's backbone has {key}={getattr(mine, key)} but the generator has "
-                             f"{getattr(gen, key)}; train the reward on this generator's backbone")
-    reward.requires_grad_(False)
-    return reward.to(device), meta["args"]
+def save_policy_state(path, params, ema, opt, meta):
+    """An alignment stage's checkpoint: the LoRA weights, their EMA and AdamW's state (safetensors) + meta (JSON header)."""
+    tensors = {f"lora.{n}": p for n, p in params.items()} | {f"ema.{n}": e for n, e in ema.items()}
+    for n, p in params.items():
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"optim.{n}.{k}"] = v
+    save_checkpoint(path, tensors, meta)
+
+
+def load_policy_state(path, params, ema, opt, device="cpu"):
+    """The inverse of save_policy_state, in place -> meta."""
+    tensors, meta = load_checkpoint(path)
+    for n, p in params.items():
+        p.data.copy_(tensors[f"lora.{n}"])
+        ema[n].copy_(tensors[f"ema.{n}"])
+        if f"optim.{n}.exp_avg" in tensors:
+            opt.state[p] = {k: tensors[f"optim.{n}.{k}"].to("cpu" if k == "step" else device) for k in ("step", "exp_avg", "exp_avg_sq")}
+    return meta
+
+
+def load_rewards(paths, weights, transformer, t=None, device="cpu", oracle_ok=False):
+    """The alignment stages' frozen rewards: train_reward.py checkpoints (EMA weights) checked against the generator they
+    judge (its latent channels and prompt-embedding widths), or "oracle" (the toy's golden oracle, decoded; the ceiling).
+    -> [dict(name, model (None: oracle), t: the noise level it reads (its checkpoint's t_eval unless t), weight,
+    text_len)]."""
+    out = []
+    for path, w in zip(paths, weights):
+        if path == "oracle":
+            if not oracle_ok:
+                raise ValueError("--reward oracle is the toy world's golden oracle; it needs --backbone toy")
+            out.append(dict(name=path, model=None, t=None, weight=w, text_len=None))
+            continue
+        reward, meta = load_reward_model(path if path.endswith(".safetensors") else os.path.join(path, "ckpt.safetensors"))
+        mine, gen = reward.tap.config, transformer.config
+        for key in ("in_channels", "joint_attention_dim", "pooled_projection_dim"):
+            if getattr(mine, key) != getattr(gen, key):
+                raise ValueError(f"{path}: the reward's backbone has {key}={getattr(mine, key)} but the generator has "
+                                 f"{getattr(gen, key)}; train the reward on this generator's backbone")
+        a = meta["args"]
+        out.append(dict(name=path, model=reward.requires_grad_(False).to(device), t=a["t_eval"] if t is None else t,
+                        weight=w, text_len=a["max_text_len"]))
+    lens = {r["text_len"] for r in out} - {None}
+    if len(lens) > 1:
+        raise ValueError(f"the rewards read prompts of different lengths {sorted(lens)}; they must share the embeddings")
+    return out
+
+
+def score_rewards(rewards, lat, prompts, table, keys, decode=None):
+    """(R, B) float32 rewards of latents (B,C,h,w) from each reward; image b's re-noising noise is seeded by keys[b]
+    (a tuple of ints), so a score never depends on the batch. Gradients flow to lat unless called under no_grad (ReFL).
+    The oracle decodes (decode: latents -> PIL) and scores the images: no gradient."""
+    out = []
+    for r in rewards:
+        if r["model"] is None:
+            import toy
+            out.append(torch.tensor(toy.toy_golden_score(decode(lat.detach()), prompts), dtype=torch.float32, device=lat.device))
+            continue
+        eps = torch.stack([torch.randn(lat.shape[1:], generator=seeded(*k)) for k in keys]).to(lat.device)
+        pe, pooled = embeds(table, prompts, lat.device)
+        out.append(r["model"].score(lat, pe, pooled, t=r["t"], noise=eps).float())
+    return torch.stack(out)
 
 
 @torch.no_grad()

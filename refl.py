@@ -1,0 +1,317 @@
+"""
+ReFL with the latent reward (ImageReward's Reward Feedback Learning; DiNa-LRM's latent version): sample with the ODE and
+no gradient down to a random late step, take one conditional generator step with gradient, predict the clean latent
+x0_hat = x_t - sigma v, and let the frozen latent reward score x0_hat (re-noised to its noise level with seeded noise)
+with its gradient flowing back into the LoRA policy. No VAE decode, no text encoding: the reward reads latents.
+
+Toy world (after the quick start `python train_reward.py`; about 8 minutes on 2 CPU cores):
+    python refl.py
+    python refl.py --fm-weight 1 --out out/refl-fm            # with the pretraining (flow-matching) loss on real latents
+SD3.5-M with a DiNa-LRM reward trained here, 8 GPUs (real latents: a train_reward.py --cache-only cache):
+    torchrun --nproc_per_node=8 refl.py --backbone sd35m --reward out/reward-sd35m-dina --prompts prompts_train.txt \
+        --eval-prompts prompts_eval.txt --heldout-prompts prompts_heldout.txt --fm-weight 1 \
+        --fm-data /data/HPDv3/train.cache-sd35m --early-stop 3 --out out/refl-sd35m
+
+The step, in plain sight: B prompts (each image's noise seeded by (seed, step, image)), an ODE with CFG down to step
+`mid` (drawn per step from --mid-range, seeded) under no_grad, one conditional forward with gradient, x0_hat, the rewards
+of x0_hat at their noise level, loss = mean(target - r) (or relu), optionally (L + lam L_fm) / (1 + lam) with the
+flow-matching loss on real latents; AdamW, grad clip, an EMA that is stepped (the released DiNa ReFL never steps its EMA,
+so its saved LoRA is the initial one). DiNa's README: ReFL hacks the reward; use the pretraining loss or stop early.
+"""
+
+import argparse
+import json
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+from model import (add_policy_lora, embeds, encode_prompt_table, evaluate_policy, load_pipeline,
+                   load_policy_state, load_rewards, sample, save_policy_lora, save_policy_state, score_rewards, sd3_sigmas,
+                   seeded, velocity, x0_hat)
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--backbone", default="toy", help="the generator: tiny | toy | sd35m | sd35l")
+parser.add_argument("--backbone-path", default=None, help="diffusers folder or hub id overriding the preset")
+parser.add_argument("--reward", nargs="+", default=None, help="train_reward.py checkpoint folder(s) (default on the toy: "
+                    "out/reward-toy-dina); 'oracle' is not differentiable and is refused")
+parser.add_argument("--reward-weight", nargs="+", type=float, default=None, help="weight of each reward (1)")
+parser.add_argument("--reward-t", type=float, default=None, help="noise level the reward reads (default: its checkpoint's t_eval)")
+parser.add_argument("--prompts", default=None, help="training prompts, one per line (toy: out/toy/prompts_train.txt)")
+parser.add_argument("--eval-prompts", default=None, help="fixed evaluation prompts seen in training (toy: the training prompts)")
+parser.add_argument("--heldout-prompts", default=None, help="fixed held-out evaluation prompts (toy: out/toy/prompts_heldout.txt)")
+# None = the recipe's value (help: SD3.5 / toy), filled in by resolve_args
+parser.add_argument("--iters", type=int, default=None, help="optimizer steps: 300 / 60")
+parser.add_argument("--batch", type=int, default=None, help="images per step over all ranks (ReFL, DiNa: 64) / 24")
+parser.add_argument("--micro-batch", type=int, default=None, help="images per forward on one rank (default: batch / world)")
+parser.add_argument("--resolution", type=int, default=None, help="image side: 512 / 32")
+parser.add_argument("--steps", type=int, default=None, help="ODE steps of the rollout: 40 / 10")
+parser.add_argument("--mid-range", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+                    help="LO,HI: the step with gradient is drawn from [LO, HI): 30,40 / 7,10 (the last quarter)")
+parser.add_argument("--cfg", type=float, default=4.5, help="guidance of the no-gradient ODE part (the gradient step is "
+                    "conditional only, as ImageReward's ReFL)")
+parser.add_argument("--eval-steps", type=int, default=None, help="ODE steps of the evaluation samples: 40 / 10")
+parser.add_argument("--eval-seeds", type=int, default=None, help="images per evaluation prompt (fixed seeds): 2 / 4")
+parser.add_argument("--eval-cfg", type=float, default=4.5)
+parser.add_argument("--loss", default="mean", help="mean: mean(target - r) (DiNa) | relu: mean(relu(target - r)) (ImageReward)")
+parser.add_argument("--target", type=float, default=2.0, help="the 2 of 2 - r")
+parser.add_argument("--fm-weight", type=float, default=0.0, help="lam of (L + lam L_fm) / (1 + lam); 0 = no pretraining loss")
+parser.add_argument("--fm-data", default=None, help="real latents for L_fm: a train_reward.py cache folder (every image in it); "
+                    "toy default: fresh renders of the training prompts, VAE-encoded once")
+parser.add_argument("--lr", type=float, default=None, help="AdamW: 1e-4 (ReFL, DiNa) / 1e-3")
+parser.add_argument("--weight-decay", type=float, default=1e-4)
+parser.add_argument("--grad-clip", type=float, default=1.0)
+parser.add_argument("--lora-rank", type=int, default=None, help="32 / 8")
+parser.add_argument("--lora-alpha", type=int, default=None, help="64 / 16 (2 x rank)")
+parser.add_argument("--ema", type=float, default=0.9, help="EMA decay of the LoRA weights, stepped every step; 0 = off")
+parser.add_argument("--early-stop", type=int, default=0, help="stop when the held-out proxy has not risen for this many "
+                    "evaluations, and export the best evaluation's weights (0 = off)")
+parser.add_argument("--out", default="out/refl")
+parser.add_argument("--eval-interval", type=int, default=None, help="steps between evaluations: 25 / 15")
+parser.add_argument("--ckpt-interval", type=int, default=None, help="steps between checkpoints: 25 / 15")
+parser.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.safetensors")
+parser.add_argument("--seed", type=int, default=0)
+
+# (SD3.5, toy) values of the flags left at None; the toy's fit a 10-minute CPU run (README: measured)
+DEFAULTS = dict(iters=(300, 60), batch=(64, 24), resolution=(512, 32), steps=(40, 10), mid_range=((30, 40), (7, 10)),
+                eval_steps=(40, 10), eval_seeds=(2, 4), lr=(1e-4, 1e-3), lora_rank=(32, 8), lora_alpha=(64, 16),
+                eval_interval=(25, 15), ckpt_interval=(25, 15))
+
+
+def resolve_args(args):
+    small = args.backbone in ("toy", "tiny")
+    for k, (full, lap) in DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, lap if small else full)
+    if args.backbone == "toy":
+        args.reward = args.reward or ["out/reward-toy-dina"]
+        args.prompts = args.prompts or "out/toy/prompts_train.txt"
+        args.eval_prompts = args.eval_prompts or "out/toy/prompts_train.txt"
+        args.heldout_prompts = args.heldout_prompts or "out/toy/prompts_heldout.txt"
+    if not args.reward or "oracle" in args.reward:
+        raise ValueError("--reward needs train_reward.py checkpoint folder(s): ReFL back-propagates through the reward")
+    args.reward_weight = args.reward_weight or [1.0] * len(args.reward)
+    if len(args.reward_weight) != len(args.reward):
+        raise ValueError(f"--reward-weight has {len(args.reward_weight)} values for {len(args.reward)} rewards")
+    lo, hi = args.mid_range
+    if not 0 <= lo < hi <= args.steps:
+        raise ValueError(f"--mid-range {lo},{hi} is outside the {args.steps}-step schedule")
+    if args.loss not in ("mean", "relu"):
+        raise ValueError(f"unknown --loss {args.loss!r}; choose mean or relu")
+    return args
+
+
+def refl_loss(r, target=2.0, kind="mean"):
+    """r (B,) rewards of x0_hat -> (B,) per-image loss: target - r (DiNa) or relu(target - r) (ImageReward)."""
+    return torch.relu(target - r) if kind == "relu" else target - r
+
+
+def flow_matching_loss(transformer, x0, prompt_embeds, pooled, generator):
+    """The generator's own pretraining loss on real latents x0 (B,C,h,w): t ~ logit-normal(0, 1) (SD3), x_t = (1-t) x0 +
+    t eps, MSE of v against eps - x0 (what toy.py trained the generator with)."""
+    t = torch.sigmoid(torch.randn(len(x0), generator=generator)).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    v = transformer(hidden_states=xt, timestep=1000 * t, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
+                    return_dict=False)[0].float()
+    return ((v - (eps - x0)) ** 2).mean(dim=(1, 2, 3))
+
+
+def real_latents(args, pipe, table, prompts, device):
+    """-> (latents (N,C,h,w), prompt embeds (N,L,D), pooled (N,P)) for L_fm: a reward cache's images (with its own
+    prompt embeddings), or on the toy fresh renders of the training prompts encoded once by the VAE."""
+    if args.fm_data:
+        cache = data.PairCache(args.fm_data, latent_channels=pipe.transformer.config.in_channels)
+        items = [it for group in cache.images().values() for it in group]
+        lat, pe, pooled = cache.image_batch(items)
+        if pe.shape[1:] != table[prompts[0]][0].shape:
+            raise ValueError(f"{args.fm_data}: cached prompt embeddings {tuple(pe.shape[1:])} do not match the "
+                             f"generator's {tuple(table[prompts[0]][0].shape)} (encode the cache at the reward's text length)")
+        return lat, pe, pooled
+    import numpy as np
+    import toy
+    rng = np.random.default_rng(args.seed)
+    names = [p for p in prompts for _ in range(16)]
+    images = [toy.render_toy(*toy.parse_toy_prompt(p), rng) for p in names]
+    with torch.no_grad():
+        z = pipe.vae.encode(toy.to_tensor(images).to(device, pipe.vae.dtype)).latent_dist.mean
+    lat = (z.float() - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
+    return (lat.cpu(), *embeds(table, names))
+
+
+def print0(*a):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, flush=True)
+
+
+def main(args):
+    args = resolve_args(args)
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    micro = args.micro_batch or args.batch // world
+    if args.batch % (micro * world):
+        raise ValueError(f"--batch {args.batch} is not a multiple of --micro-batch {micro} x {world} rank(s)")
+    n_local = args.batch // world
+    train_prompts = data.read_prompts(args.prompts, "--prompts")
+    splits = {"train": data.read_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else train_prompts[:32]}
+    if args.heldout_prompts:
+        splits["heldout"] = data.read_prompts(args.heldout_prompts, "--heldout-prompts")
+
+    # ---------------------------------------------------------------------------- generator, rewards, prompts once
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    pipe = load_pipeline(args.backbone, args.backbone_path, args.seed, dtype=dtype).to(device)
+    transformer, vae = pipe.transformer, pipe.vae
+    rewards = load_rewards(args.reward, args.reward_weight, transformer, args.reward_t, device)
+    text_len = next(r["text_len"] for r in rewards)
+    table = encode_prompt_table(pipe, train_prompts + [p for s in splits.values() for p in s], text_len, device)
+    fm = real_latents(args, pipe, table, train_prompts, device) if args.fm_weight > 0 else None
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # never called again
+    shape = (args.resolution // pipe.vae_scale_factor,) * 2  # the latent's (h, w)
+    params = add_policy_lora(transformer, args.lora_rank, args.lora_alpha, seed=args.seed)
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
+    ema = {n: p.detach().clone() for n, p in params.items()}
+    sigmas, eval_sigmas = sd3_sigmas(args.steps), sd3_sigmas(args.eval_steps)
+    neg = embeds(table, [""], device)
+    weights = torch.tensor(args.reward_weight, device=device)[:, None]
+
+    def proxy(lat, prompts):  # the evaluation's proxy: the weighted sum of the rewards (fixed reward noise)
+        keys = [(args.seed, 10 ** 9, i) for i in range(len(lat))]
+        return (weights * score_rewards(rewards, lat, prompts, table, keys)).sum(0)
+
+    def swap_ema():
+        for n, p in params.items():
+            tmp = p.detach().clone()
+            p.data.copy_(ema[n])
+            ema[n].copy_(tmp)
+
+    def evaluate():
+        swap_ema()
+        with autocast:
+            rep, imgs = evaluate_policy(transformer, table, splits, args.eval_seeds, eval_sigmas, args.eval_cfg, proxy,
+                                        shape, vae, args.backbone == "toy")
+        swap_ema()
+        return rep, imgs
+
+    # ---------------------------------------------------------------------------- resume, or the evaluation before
+    it, ckpt_path, log_path = 0, os.path.join(args.out, "ckpt.safetensors"), os.path.join(args.out, "log.jsonl")
+    history, best = [], None
+    if args.resume and os.path.isfile(ckpt_path):
+        meta = load_policy_state(ckpt_path, params, ema, opt, device)
+        it, history = meta["iteration"], meta["history"]
+        print0(f"resumed from {ckpt_path} at step {it}")
+    os.makedirs(args.out, exist_ok=True)
+    if rank == 0 and os.path.isfile(log_path):  # drop what a killed run logged after its checkpoint
+        keep = [line for line in open(log_path) if 0 < json.loads(line)["iter"] <= it] if it else []
+        open(log_path, "w").writelines(keep)
+    if not history:
+        rep, before_images = evaluate()
+        history = [dict(iter=0, **rep)]
+        if rank == 0:
+            data.image_grid([before_images[s][:12] for s in splits]).save(os.path.join(args.out, "before.png"))
+    print0(f"world {world}: {args.batch} images per step = micro {micro} x {n_local // micro} x {world} rank(s); "
+           f"{sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
+    print0("before: " + data.describe_eval(history[0]))
+
+    # ---------------------------------------------------------------------------- the loop
+    after_images, stale = None, 0
+    bar = tqdm(total=args.iters, initial=it, disable=rank != 0, desc="refl")
+    while it < args.iters:
+        t0 = time.time()
+        g = seeded(args.seed, it, 0)
+        mid = torch.randint(*args.mid_range, (1,), generator=g).item()
+        order = torch.randint(len(train_prompts), (args.batch,), generator=g).tolist()
+        mine = list(range(rank * n_local, (rank + 1) * n_local))
+        stats = dict(loss=0.0, reward=0.0, fm=0.0)
+        for c in range(0, n_local, micro):
+            rows = mine[c:c + micro]
+            prompts = [train_prompts[order[i]] for i in rows]
+            pe, pooled = embeds(table, prompts, device)
+            z = torch.stack([torch.randn(transformer.config.in_channels, *shape, generator=seeded(args.seed, it, i))
+                             for i in rows]).to(device)
+            with torch.no_grad(), autocast:  # the ODE with CFG down to step mid, no gradient
+                x = sample(transformer, z, sigmas[:mid + 1], pe, pooled, args.cfg, neg)["latents"]
+            with autocast:
+                v = velocity(transformer, x, sigmas[mid], pe, pooled)  # one conditional step with gradient
+                r = (weights * score_rewards(rewards, x0_hat(x, float(sigmas[mid]), v), prompts, table,
+                                             [(args.seed, it, i, 7) for i in rows])).sum(0)
+                loss = refl_loss(r, args.target, args.loss)
+                if fm is not None:
+                    gi = torch.randint(len(fm[0]), (len(rows),), generator=seeded(args.seed, it, rows[0], 3))
+                    l_fm = flow_matching_loss(transformer, *(t[gi].to(device) for t in fm), seeded(args.seed, it, rows[0], 4))
+                    stats["fm"] += l_fm.sum().item() / args.batch
+                    loss = (loss + args.fm_weight * l_fm) / (1 + args.fm_weight)
+            loss.sum().div(args.batch).backward()
+            stats["loss"] += loss.sum().item() / args.batch
+            stats["reward"] += r.sum().item() / args.batch
+        grads = torch.cat([p.grad.flatten() for p in params.values()])
+        if ddp:
+            dist.all_reduce(grads)
+            parts = [None] * world
+            dist.all_gather_object(parts, stats)
+            stats = {k: sum(s[k] for s in parts) for k in stats}
+        if not torch.isfinite(grads).all():
+            raise FloatingPointError(f"step {it}: non-finite loss or gradient (prompts {prompts[:3]}...)")
+        k = 0
+        for p in params.values():
+            p.grad.copy_(grads[k:k + p.numel()].view_as(p))
+            k += p.numel()
+        gnorm = torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        with torch.no_grad():
+            for n, p in params.items():
+                ema[n].lerp_(p.detach(), 1 - args.ema)  # ema 0: a copy of the live weights
+        it += 1
+        rec = dict(iter=it, mid=mid, gnorm=gnorm, **stats, seconds=dict(training=time.time() - t0))
+        if (args.eval_interval and it % args.eval_interval == 0) or it == args.iters:
+            rep, after_images = evaluate()
+            history.append(dict(iter=it, **rep))
+            rec["eval"] = {s: {k: v for k, v in r.items() if k != "golden_all"} for s, r in rep.items()}
+            bar.write(f"step {it}: " + data.describe_eval(history[-1]))
+            score = rep.get("heldout", rep["train"])["reward"]
+            if best is None or score > best[0]:
+                best, stale = (score, {n: e.clone() for n, e in ema.items()}, after_images, len(history)), 0
+            else:
+                stale += 1
+        if rank == 0:
+            bar.write(f"step {it} | mid {mid} | loss {stats['loss']:.4f} | reward {stats['reward']:.4f} | fm {stats['fm']:.4f} | "
+                      f"gnorm {gnorm:.3f} | {rec['seconds']['training']:.1f} s")
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if it % args.ckpt_interval == 0 or it == args.iters:
+                save_policy_state(ckpt_path, params, ema, opt, dict(args=vars(args), iteration=it, history=history))
+        bar.update(1)
+        if args.early_stop and stale >= args.early_stop:
+            print0(f"early stop at step {it}: the held-out proxy has not risen for {stale} evaluations; "
+                   f"exporting the weights of step {history[best[3] - 1]['iter']}")
+            ema, after_images, history = best[1], best[2], history[:best[3]]
+            break
+    bar.close()
+    if rank == 0:
+        finish(args, history, after_images, params, ema, transformer)
+    if ddp:
+        dist.barrier()  # a normal exit after a barrier (destroy_process_group can abort under gloo)
+
+
+def finish(args, history, after_images, params, ema, transformer):
+    """summary.json, curves.png, grid.png (data.alignment_report), the EMA LoRA in diffusers' format, the final lines."""
+    log = [json.loads(line) for line in open(os.path.join(args.out, "log.jsonl"))]
+    summary, lines = data.alignment_report(args.out, history, sum(sum(r["seconds"].values()) for r in log), after_images)
+    for n, p in params.items():  # export the EMA weights (what was evaluated)
+        p.data.copy_(ema[n])
+    save_policy_lora(os.path.join(args.out, "lora"), transformer)
+    for line in lines:
+        print0(f"final ({summary['iterations']} steps, {summary['seconds']:.0f} s of training): {line}")
+    print0(f"aligned LoRA: {os.path.join(args.out, 'lora')} (pipe.load_lora_weights); summary {args.out}/summary.json")
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

@@ -1,0 +1,299 @@
+"""The sampler every alignment stage shares (against DESIGN.md section 6's formulas and diffusers' own pipeline), and
+grpo.py / refl.py on the tiny backbone: the first importance ratio, the KL at initialisation, the LoRA export loaded by
+diffusers, no decode or text encoding in the loop, exact resume, 1 vs 2 processes, and bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import grpo
+import model
+import refl
+from model import build_reward_model, cps_step, make_tiny_pipeline, sample, save_checkpoint, sd3_sigmas, sde_step, trainable_state
+from toy import toy_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [toy_prompt(c, s, "white") for c, s in (("red", "circle"), ("blue", "square"), ("green", "triangle"))]
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+def test_sde_step_reference_values():
+    """DESIGN.md 6: noise std std*sqrt(-dt) of steps 0-3 (10 steps, shift 3, a 0.7) and the log-prob's closed form."""
+    s = sd3_sigmas(10)
+    x, v, z = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for i, want in enumerate((0.700000, 0.742964, 0.536152, 0.445897)):
+        _, _, mu, std = sde_step(v, x, s[i], s[i + 1], 0.7, sigma1=float(s[1]))
+        assert std == pytest.approx(want, abs=1e-6)
+        sig, dt = float(s[i]), float(s[i + 1] - s[i])
+        a2 = 0.7 ** 2 * sig / (1 - (float(s[1]) if sig == 1 else sig))
+        torch.testing.assert_close(mu, x + v * dt + a2 / (2 * sig) * (x + (1 - sig) * v) * dt)
+    _, lp, mu, std = sde_step(v, x, s[0], s[1], 0.7, prev_sample=None, sigma1=float(s[1]))
+    _, lp, _, _ = sde_step(v, x, s[0], s[1], 0.7, prev_sample=mu + std * z, sigma1=float(s[1]))
+    closed = -0.5 * (z ** 2).mean((1, 2, 3)) - math.log(0.7) - 0.5 * math.log(2 * math.pi)
+    torch.testing.assert_close(lp, closed)
+    assert -0.5 - math.log(0.7) - 0.5 * math.log(2 * math.pi) == pytest.approx(-1.062264, abs=1e-6)  # E[log_prob]
+    with pytest.raises(ValueError, match="sigma1"):
+        sde_step(v, x, s[0], s[1], 0.7)
+
+
+def test_sde_step_euler_and_given_sample():
+    s = sd3_sigmas(10)
+    x, v = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    x_next, lp, mu, _ = sde_step(v, x, s[3], s[4], 0.0)  # a = 0: the Euler step, log-prob 0
+    torch.testing.assert_close(x_next, x + (s[4] - s[3]).item() * v)
+    assert (lp == 0).all() and torch.equal(mu, x_next)
+    g = torch.Generator().manual_seed(1)
+    drawn, lp_drawn, _, _ = sde_step(v, x, s[3], s[4], 0.7, generator=g)
+    again, lp_again, _, _ = sde_step(v, x, s[3], s[4], 0.7, prev_sample=drawn)  # training re-scores the sample
+    assert torch.equal(again, drawn) and torch.equal(lp_again, lp_drawn)
+
+
+def test_cps_step():
+    s = sd3_sigmas(10)
+    x, v, z = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    sig, nxt = float(s[2]), float(s[3])
+    _, _, mu, std = cps_step(v, x, sig, nxt, 0.8)
+    assert std == pytest.approx(nxt * math.sin(0.8 * math.pi / 2))
+    torch.testing.assert_close(mu, (1 - nxt) * (x - sig * v) + math.sqrt(nxt ** 2 - std ** 2) * (x + (1 - sig) * v))
+    _, lp, _, _ = cps_step(v, x, sig, nxt, 0.8, prev_sample=mu + std * z)
+    torch.testing.assert_close(lp, -0.5 * (z ** 2).mean((1, 2, 3)) - math.log(std) - 0.5 * math.log(2 * math.pi))
+    last, lp_last, _, _ = cps_step(v, x, float(s[-2]), 0.0, 0.8)  # sigma_next 0: x0_hat, deterministic
+    torch.testing.assert_close(last, x - float(s[-2]) * v)
+    assert (lp_last == 0).all()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    pipe = make_tiny_pipeline(0)
+    pe, npe, pooled, npooled = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=True,
+                                                  negative_prompt="", negative_prompt_2="", negative_prompt_3="",
+                                                  max_sequence_length=8)
+    return pipe, pe, pooled, (npe[:1], npooled[:1]), (npe, npooled)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.5])
+def test_sample_ode_equals_the_pipeline(tiny, cfg):
+    """noise 0: model.sample reproduces StableDiffusion3Pipeline(output_type="latent") from the same initial latents."""
+    pipe, pe, pooled, neg, (npe, npooled) = tiny
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = pipe(prompt_embeds=pe, pooled_prompt_embeds=pooled, negative_prompt_embeds=npe, negative_pooled_prompt_embeds=npooled,
+               latents=z.clone(), num_inference_steps=6, guidance_scale=cfg, output_type="latent", height=32, width=32).images
+    out = sample(pipe.transformer, z, sd3_sigmas(6), pe, pooled, cfg, neg)
+    torch.testing.assert_close(out["latents"], ref, atol=1e-5, rtol=1e-5)
+    assert out["trajectory"].shape == (3, 7, 4, 8, 8) and (out["log_probs"] == 0).all()
+
+
+def test_sample_sde_window_and_per_image_noise(tiny):
+    """Stochastic only in the window (log-probs elsewhere 0); one generator per image: an image's sample does not
+    depend on the batch it is drawn in."""
+    pipe, pe, pooled, neg, _ = tiny
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    gens = lambda: [model.seeded(0, i) for i in range(3)]
+    out = sample(pipe.transformer, z, sd3_sigmas(6), pe, pooled, 4.5, neg, 0.7, [2, 3], gens())
+    assert (out["log_probs"][:, [0, 1, 4, 5]] == 0).all() and (out["log_probs"][:, [2, 3]] != 0).all()
+    one = sample(pipe.transformer, z[1:2], sd3_sigmas(6), pe[1:2], pooled[1:2], 4.5, neg, 0.7, [2, 3], gens()[1:2])
+    torch.testing.assert_close(one["latents"], out["latents"][1:2], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown SDE type"):
+        sample(pipe.transformer, z, sd3_sigmas(6), pe, pooled, sde_type="ddim")
+
+
+def test_advantages_closed_form():
+    r = torch.tensor([[1.0, 2.0, 3.0, 10.0, 10.0, 13.0]])
+    adv = grpo.advantages(r, torch.tensor([0, 0, 0, 1, 1, 1]), [1.0], clip=5.0)
+    g0 = torch.tensor([1.0, 2.0, 3.0])
+    torch.testing.assert_close(adv[:3], (g0 - 2) / (g0.std(unbiased=False) + 1e-4))
+    glob = grpo.advantages(r, torch.tensor([0, 0, 0, 1, 1, 1]), [1.0], global_std=True)
+    torch.testing.assert_close(glob[3:], (r[0, 3:] - 11) / (r.std(unbiased=False) + 1e-4))
+    assert grpo.advantages(r * 1e6, torch.zeros(6, dtype=torch.long), [1.0], clip=0.5).abs().max() == 0.5
+    loss, kl, ratio = grpo.grpo_loss(torch.zeros(2), torch.zeros(2), torch.tensor([1.0, -1.0]), 1e-4)
+    assert torch.equal(ratio, torch.ones(2)) and torch.equal(loss, torch.tensor([-1.0, 1.0])) and (kl == 0).all()
+
+
+# ----------------------------------------------------------------------------- the stages on the tiny backbone
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny DiNa reward checkpoint (random head, the tiny backbone) and prompt files."""
+    d = tmp_path_factory.mktemp("align")
+    m = build_reward_model("tiny", "dina", lora_rank=0, seed=0)
+    torch.manual_seed(1)
+    for p in m.head.parameters():
+        p.data.normal_(0, 0.3)  # a reward that varies with the latent
+    state = trainable_state(m)
+    args = dict(backbone="tiny", head="dina", backbone_path=None, blocks=None, taps=None, lora_rank=0, t_eval=0.1,
+                max_text_len=8, seed=0)
+    save_checkpoint(str(d / "reward/ckpt.safetensors"), {f"model.{n}": p for n, p in state.items()} |
+                    {f"ema.{n}": p.clone() for n, p in state.items()}, dict(args=args, step=1))
+    (d / "train.txt").write_text("\n".join(PROMPTS) + "\n")
+    (d / "heldout.txt").write_text(toy_prompt("purple", "square", "gray") + "\n")
+    return d
+
+
+def grpo_args(w, out, *extra):
+    return grpo.parser.parse_args(["--backbone", "tiny", "--reward", str(w / "reward"), "--prompts", str(w / "train.txt"),
+                                   "--heldout-prompts", str(w / "heldout.txt"), "--groups", "2", "--group-size", "2",
+                                   "--batch", "2", "--steps", "4", "--eval-steps", "3", "--eval-seeds", "1", "--iters", "2",
+                                   "--eval-interval", "0", "--ckpt-interval", "1", "--lr", "1e-2", "--out", str(out), *extra])
+
+
+def log(out):
+    return [json.loads(line) for line in open(Path(out, "log.jsonl"))]
+
+
+def test_grpo_first_ratio_is_one_kl_zero_and_lora_export(world, tmp_path, capsys):
+    """First inner update: importance ratio exactly 1 at every trained step, KL 0 (B = 0). The exported LoRA loaded
+    by diffusers' pipeline reproduces the policy's (EMA) samples."""
+    out = tmp_path / "g"
+    grpo.main(grpo_args(world, out, "--beta", "0.04", "--ema", "0"))
+    first = log(out)[0]
+    assert first["ratio_dev"] == 0.0 and first["kl"] == 0.0 and first["sde_steps"] == [0, 1, 2, 3]
+    assert log(out)[1]["kl"] > 0  # the policy moved
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"reward_before", "reward_after", "seconds", "iterations"} <= set(summary)
+    assert "final (2 iterations" in capsys.readouterr().out
+    for f in ("grid.png", "curves.png", "before.png", "lora/pytorch_lora_weights.safetensors"):
+        assert (out / f).is_file(), f
+    # the policy (the LoRA as trained) vs diffusers' pipeline with the exported LoRA loaded
+    pipe = make_tiny_pipeline(0)
+    pipe.load_lora_weights(str(out / "lora"))
+    base = make_tiny_pipeline(0)
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    pe, _, pooled, _ = base.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False, max_sequence_length=8)
+    got = pipe(prompt_embeds=pe, pooled_prompt_embeds=pooled, latents=z.clone(), num_inference_steps=3,
+               guidance_scale=1.0, output_type="latent", height=32, width=32).images
+    policy = make_tiny_pipeline(0).transformer
+    params = model.add_policy_lora(policy, 8, 16)  # the toy/tiny defaults
+    tensors, _ = model.load_checkpoint(str(out / "ckpt.safetensors"))
+    for n, p in params.items():
+        p.data.copy_(tensors[f"ema.{n}"])
+    want = sample(policy, z, sd3_sigmas(3), pe, pooled)["latents"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    untouched = sample(base.transformer, z, sd3_sigmas(3), pe, pooled)["latents"]
+    assert (want - untouched).abs().max() > 1e-4  # the LoRA changed the generator
+
+
+def test_no_decode_or_text_encoding_in_the_loop(world, tmp_path, monkeypatch):
+    """The VAE and the text encoders raise outside the one prompt encoding and the evaluations (GRPO and ReFL)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection
+    allowed, calls = {"on": False}, {"encode": 0}
+
+    def guard(real):
+        def wrapped(*a, **k):
+            if not allowed["on"]:
+                raise AssertionError(f"{real.__qualname__} called in the training loop")
+            return real(*a, **k)
+        return wrapped
+
+    def allow(fn, count=None):
+        def wrapped(*a, **k):
+            allowed["on"] = True
+            if count:
+                calls[count] += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                allowed["on"] = False
+        return wrapped
+    monkeypatch.setattr(AutoencoderKL, "decode", guard(AutoencoderKL.decode))
+    monkeypatch.setattr(AutoencoderKL, "encode", guard(AutoencoderKL.encode))
+    monkeypatch.setattr(CLIPTextModelWithProjection, "forward", guard(CLIPTextModelWithProjection.forward))
+    for stage in (grpo, refl):
+        monkeypatch.setattr(stage, "evaluate_policy", allow(stage.evaluate_policy))
+        monkeypatch.setattr(stage, "encode_prompt_table", allow(stage.encode_prompt_table, "encode"))
+    grpo.main(grpo_args(world, tmp_path / "g"))
+    refl.main(refl_args(world, tmp_path / "r"))
+    assert calls["encode"] == 2  # once per run
+
+
+def refl_args(w, out, *extra):
+    return refl.parser.parse_args(["--backbone", "tiny", "--reward", str(w / "reward"), "--prompts", str(w / "train.txt"),
+                                   "--heldout-prompts", str(w / "heldout.txt"), "--batch", "4", "--micro-batch", "2",
+                                   "--steps", "4", "--mid-range", "2,4", "--eval-steps", "3", "--eval-seeds", "1",
+                                   "--iters", "3", "--eval-interval", "0", "--ckpt-interval", "1", "--lr", "1e-2",
+                                   "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("stage", ["grpo", "refl"])
+def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch, stage):
+    mod, make = (grpo, grpo_args) if stage == "grpo" else (refl, refl_args)
+    extra = ["--iters", "3"] if stage == "grpo" else ["--fm-weight", "1"]  # refl: with the pretraining loss
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    mod.main(make(world, straight, *extra))
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def dying_step(self, *a, **k):  # killed in its third optimizer step: iterations 1-2 are checkpointed
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(make(world, killed, *extra))
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    mod.main(make(world, killed, *extra, "--resume"))
+    a, b = (model.load_checkpoint(str(o / "ckpt.safetensors"))[0] for o in (straight, killed))
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+    assert [l["iter"] for l in log(killed)] == [1, 2, 3]
+    assert [l["loss"] for l in log(killed)] == [l["loss"] for l in log(straight)]
+
+
+def test_grpo_two_processes_equal_one(world, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo): the same losses and LoRA weights as one process at the same global batch."""
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"w{n}"
+        args = ["--backbone", "tiny", "--reward", str(world / "reward"), "--prompts", str(world / "train.txt"),
+                "--groups", "2", "--group-size", "2", "--batch", "2", "--steps", "3", "--eval-steps", "2", "--eval-seeds", "1",
+                "--iters", "2", "--eval-interval", "0", "--lr", "1e-2", "--beta", "0.04", "--out", str(out)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master-port", str(29610 + n),
+               str(ROOT / "grpo.py"), *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[n] = out
+    l1, l2 = log(outs[1]), log(outs[2])
+    for a, b in zip(l1, l2):
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["kl"] == pytest.approx(b["kl"], abs=1e-9)
+    w1, w2 = (model.load_checkpoint(str(o / "ckpt.safetensors"))[0] for o in (outs[1], outs[2]))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_bad_input(world, tmp_path, monkeypatch):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="empty.txt: the prompts file is empty"):
+        grpo.main(grpo_args(world, tmp_path / "a", "--prompts", str(empty)))
+    with pytest.raises(FileNotFoundError, match="nope.txt: no such prompts file"):
+        refl.main(refl_args(world, tmp_path / "a", "--prompts", str(tmp_path / "nope.txt")))
+    with pytest.raises(ValueError, match="do not divide over"):
+        grpo.main(grpo_args(world, tmp_path / "a", "--groups", "1", "--group-size", "3", "--updates", "2"))
+    with pytest.raises(ValueError, match="unknown --recipe"):
+        grpo.main(grpo_args(world, tmp_path / "a", "--recipe", "ppo"))
+    with pytest.raises(ValueError, match="unknown --sde-type"):
+        grpo.main(grpo_args(world, tmp_path / "a", "--sde-type", "ddim"))
+    with pytest.raises(ValueError, match="--sde-window-range"):
+        grpo.main(grpo_args(world, tmp_path / "a", "--sde-window", "2", "--sde-window-range", "0,4"))
+    with pytest.raises(ValueError, match="--mid-range 2,9 is outside"):
+        refl.main(refl_args(world, tmp_path / "a", "--mid-range", "2,9"))
+    # a reward whose backbone does not read this generator's latents
+    from diffusers import SD3Transformer2DModel
+    other = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                  pooled_projection_dim=32, out_channels=16)
+    with pytest.raises(ValueError, match="in_channels=4 but the generator has 16"):
+        model.load_rewards([str(world / "reward")], [1.0], other)
+    # a non-finite reward stops with the iteration and the prompt
+    monkeypatch.setattr(grpo, "score_rewards", lambda *a, **k: torch.full((1, len(a[1])), float("nan")))
+    with pytest.raises(FloatingPointError, match="iteration 0: non-finite reward for prompt 'a "):
+        grpo.main(grpo_args(world, tmp_path / "b"))
