@@ -211,13 +211,25 @@ def _check(t, ndim, n, what):  # encoder outputs: a finite (n, ...) tensor of nd
 
 
 @torch.no_grad()
+def given_latents(root):
+    """{path under root: (C,h,w)} from root/image_latents.safetensors if it exists (keys relative to root), else {}:
+    a generator's own latents of its samples (the toy world writes them). build_cache stores these as given instead of
+    the VAE encoding of their PNG, so a reward learns the latents it will judge in alignment."""
+    f = os.path.join(root, "image_latents.safetensors")
+    if not os.path.isfile(f):
+        return {}
+    with safe_open(f, framework="pt") as h:
+        return {os.path.normpath(os.path.join(root, k)): h.get_tensor(k) for k in h.keys()}
+
+
 def build_cache(pairs, image_root, out_dir, encode_images, encode_prompts, buckets, rank=0,
-                world_size=1, batch_size=16, skip_bad=False, dtype=torch.float32, shard_size=1024):
+                world_size=1, batch_size=16, skip_bad=False, dtype=torch.float32, shard_size=1024, given=None):
     """Encode this rank's share (every world_size-th, sorted) of the unique images and prompts,
     each exactly once. encode_images: (B,3,H,W) in [-1,1] -> normalised latents (B,C,h,w);
     encode_prompts: list[str] -> (prompt_embeds (B,L,D), pooled (B,P)); both handle devices.
     Stored as `dtype` (bf16 halves real-data disk). world_size == 1 also writes the index, else
-    call finalize_cache on rank 0 after a barrier. skip_bad: count and drop unreadable images."""
+    call finalize_cache on rank 0 after a barrier. skip_bad: count and drop unreadable images.
+    given: {image path: (C,h,w) latents} stored as they are instead of encoding the image (data.given_latents)."""
     os.makedirs(out_dir, exist_ok=True)
     src = {}  # unique image path -> first record that uses it (for error messages)
     for p in pairs:
@@ -244,6 +256,11 @@ def build_cache(pairs, image_root, out_dir, encode_images, encode_prompts, bucke
 
     for p in images:  # one pass: load, bucket, encode a bucket whenever it holds a batch
         bar.update()
+        z = (given or {}).get(os.path.normpath(p))
+        if z is not None:
+            buf["latents"][cache_key(p)], meta["shapes"][cache_key(p)] = z.to(dtype).contiguous(), list(z.shape)
+            flush("latents")
+            continue
         try:
             img = load_image(p, src[p])
         except (FileNotFoundError, ValueError) as e:

@@ -260,7 +260,8 @@ def open_cache(sc, name, path, root, cache_dir=None, skip_bad=False, batch=32):
         raise ValueError(f"{path}: empty benchmark: no scorable pairs in {info['records']} records "
                          f"({info['skipped_ties']} ties, {info['skipped_bothbad']} both-bad skipped)")
     a = sc.a
-    fp = hashlib.sha1(json.dumps([[a.get(k) for k in ("backbone", "backbone_path", "seed", "resolution", "max_text_len")],
+    given = bool(root) and os.path.isfile(os.path.join(root, "image_latents.safetensors"))  # part of the cache's identity
+    fp = hashlib.sha1(json.dumps([given, [a.get(k) for k in ("backbone", "backbone_path", "seed", "resolution", "max_text_len")],
                                   [[p["prompt"], p["chosen"], p["rejected"], p["label"], p["group"]] for p in pairs]],
                                  ).encode()).hexdigest()[:10]
     folder = os.path.join(cache_dir or os.path.dirname(os.path.abspath(path)),
@@ -268,7 +269,8 @@ def open_cache(sc, name, path, root, cache_dir=None, skip_bad=False, batch=32):
     if not os.path.isfile(os.path.join(folder, "index.json")):
         print(f"{name}: caching {len(pairs)} pairs of {path} into {folder}")
         try:
-            data.build_cache(pairs, None, folder, *sc.encoders(), sc.buckets, batch_size=batch, skip_bad=skip_bad)
+            data.build_cache(pairs, None, folder, *sc.encoders(), sc.buckets, batch_size=batch, skip_bad=skip_bad,
+                             given=data.given_latents(os.path.abspath(root)) if root else None)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)  # no half-built cache is left to be mistaken for one
             raise

@@ -26,8 +26,9 @@ image_root):
   train.json, test.json      HPDv3 format; test_oracle.json: the oracle score of each test image
   bench/hpdv2_test.json, bench/imagereward_test.json, bench/genai_bench.jsonl, bench/pickapic_test.jsonl
   bench/generated.json       on-policy (HPDv2 ranked groups): K samples per training prompt and held-out
-                             combo from fresh seeds, ranked by the oracle; generated_oracle.json their scores,
-                             generated_latents.safetensors the generator's own latents (what alignment scores)
+                             combo from fresh seeds, ranked by the oracle; generated_oracle.json their scores
+  image_latents.safetensors  the generator's own latents of every generator image (key: its PNG's path): the
+                             reward's cache stores them instead of the PNG's encoding (what alignment scores)
   prompts_train.txt, prompts_heldout.txt   the alignment stages' prompt files, one prompt per line
   summary.json               counts, timings, VAE error, generator match rates; written last
 
@@ -509,7 +510,7 @@ def main(args):
     # held-out combo), also fill the test pools: no test image is a training image
     train_gen = [p for p in train_prompts for _ in range(args.train_gen_per_prompt + args.onpolicy_per_prompt)]
     bench_gen = [p for p in train_prompts + heldout_prompts for _ in range(args.bench_per_prompt)]
-    samples, _ = generate(pipe, train_gen, args.seed, args)
+    samples, sample_latents = generate(pipe, train_gen, args.seed, args)
     bench, bench_latents = generate(pipe, bench_gen, args.seed + 1_000_003, args)
     n_tr = len(train_prompts) * args.bench_per_prompt
     summary["generator"] = dict(train_prompts=match_stats(bench[:n_tr], bench_gen[:n_tr]),
@@ -529,6 +530,8 @@ def main(args):
     for split, ims, ps in (("train", samples, train_gen), ("test", bench, bench_gen)):
         for s, p in zip(ims, ps):
             gen.setdefault((split, p), []).append((s, "generator"))
+    lat_of = {id(im): z for im, z in zip(samples + bench, torch.cat([sample_latents, bench_latents]))}
+    given = {}  # image path -> the generator's own latent of that image
     splits, rng_train = {}, np.random.default_rng([args.seed, 1])  # its own stream: the training pools' flags never
     for split, split_prompts in (("train", train_prompts), ("test", test_prompts)):  # redraw the test set or benchmarks
         items, groups, images = [], [], []
@@ -550,6 +553,7 @@ def main(args):
                 items += [(f"images/{split}/{len(images) + j:05d}.png", src, p) for j, (_, src) in enumerate(pool)]
                 images += [im for im, _ in pool]
         save_images(f"images/{split}", images, tmp)
+        given.update({it[0]: lat_of[id(im)] for it, im in zip(items, images) if id(im) in lat_of})
         splits[split] = (items, groups, toy_golden_score(images, [it[2] for it in items]))
     items, groups, scores = splits["train"]
     pairs = within_prompt_pairs(groups, args.n_train_pairs, rng_train)  # noisy labels: few raters, near-ties kept
@@ -611,14 +615,15 @@ def main(args):
     write_json(os.path.join(tmp, "bench/genai_bench.jsonl"), genai, lines=True)
     write_json(os.path.join(tmp, "bench/pickapic_test.jsonl"), pickapic, lines=True)
     # the on-policy benchmark (HPDv2 ranked groups): K samples per training prompt and held-out combo, fresh
-    # seeds, ranked by the oracle with near-ties tied; their oracle scores and the generator's own latents beside
+    # seeds, ranked by the oracle with near-ties tied, and their oracle scores beside
     paths, K = save_images("images/generated", bench, tmp), args.bench_per_prompt
     g_scores = toy_golden_score(bench, bench_gen)
     generated = [dict(prompt=bench_gen[k], image_path=paths[k:k + K], rank=ties_ranking(g_scores[k:k + K], args.tie_margin))
                  for k in range(0, len(paths), K)]
     write_json(os.path.join(tmp, "bench/generated.json"), generated)
     write_json(os.path.join(tmp, "bench/generated_oracle.json"), dict(zip(paths, g_scores.tolist())))
-    save_file(dict(zip(paths, bench_latents.contiguous())), os.path.join(tmp, "bench/generated_latents.safetensors"))
+    given.update(zip(paths, bench_latents))
+    save_file({k: v.contiguous() for k, v in given.items()}, os.path.join(tmp, "image_latents.safetensors"))
     for name, ps in (("train", train_prompts), ("heldout", heldout_prompts)):  # the alignment stages' prompt files
         with open(os.path.join(tmp, f"prompts_{name}.txt"), "w") as f:
             f.writelines(p + "\n" for p in ps)

@@ -224,7 +224,8 @@ def ensure_cache(args, path, rank, world, master):
         pipe = load_pipeline(args.backbone, args.backbone_path, args.seed,
                              dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device)
         enc_img, enc_txt = make_encoders(pipe, device, args.max_text_len)
-        data.build_cache(pairs, None, folder, enc_img, enc_txt, buckets, rank, world, skip_bad=args.skip_bad)
+        given = data.given_latents(root)  # a generator's own latents of its samples (the toy's), used as given
+        data.build_cache(pairs, None, folder, enc_img, enc_txt, buckets, rank, world, skip_bad=args.skip_bad, given=given)
         del pipe, enc_img, enc_txt  # the VAE and text encoders are not resident while training
         barrier()
         if master and world > 1:  # with one rank build_cache already wrote the index

@@ -70,7 +70,7 @@ def main(args):
     bench = os.path.join(args.world, "bench")
     groups = json.load(open(os.path.join(bench, "generated.json")))
     oracle = json.load(open(os.path.join(bench, "generated_oracle.json")))
-    latents = load_file(os.path.join(bench, "generated_latents.safetensors"))
+    latents = load_file(os.path.join(args.world, "image_latents.safetensors"))
     sc = Scorer(args.ckpt, t=args.t, seed=args.seed)
     enc_img, enc_txt = sc.encoders()
     vae = load_pipeline(sc.a["backbone"], sc.a.get("backbone_path"), with_transformer=False).vae
