@@ -442,32 +442,21 @@ def image_grid(rows, cell=96, labels=()):
     return grid
 
 
-def line_chart(series, title, xlabel, size=(420, 300)):
-    """series {name: (xs, ys)} -> a PIL line chart (no plotting dependency): axes, ticks, legend."""
-    from PIL import ImageDraw
-    W, H, m = size[0], size[1], 48
-    img, colors = Image.new("RGB", (W, H), "white"), ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
-    draw = ImageDraw.Draw(img)
-    xs = [x for v in series.values() for x in v[0]] or [0, 1]
-    ys = [y for v in series.values() for y in v[1]] or [0, 1]
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1e-9)
-    y0, y1 = min(ys), max(max(ys), min(ys) + 1e-9)
-    px = lambda x, y: (m + (x - x0) / (x1 - x0) * (W - 2 * m), H - m - (y - y0) / (y1 - y0) * (H - 2 * m))
-    draw.rectangle([m, m, W - m, H - m], outline="black")
-    for y in np.linspace(y0, y1, 5):
-        draw.text((2, px(x0, y)[1] - 6), f"{y:.3g}", fill="black")
-    for x in np.linspace(x0, x1, 5):
-        draw.text((px(x, y0)[0] - 10, H - m + 4), f"{x:.3g}", fill="black")
-    draw.text((m, 8), title, fill="black")
-    draw.text((W // 2 - 20, H - 18), xlabel, fill="black")
-    for j, (name, (x, y)) in enumerate(series.items()):
-        pts, c = [px(a, b) for a, b in zip(x, y)], colors[j % len(colors)]
-        if len(pts) > 1:
-            draw.line(pts, fill=c, width=2)
-        for a, b in pts:
-            draw.ellipse([a - 2, b - 2, a + 2, b + 2], fill=c)
-        draw.text((m + 6, m + 4 + 14 * j), name, fill=c)
-    return img
+def save_curves(path, panels):
+    """panels [(title, xlabel, {name: (xs, ys)})] -> one PNG, the panels side by side (matplotlib, Agg), written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (title, xlabel, series) in zip(axes[0], panels):
+        for name, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o", label=name)
+        ax.set(title=title, xlabel=xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
 
 
 def describe_eval(h):
@@ -494,7 +483,8 @@ def alignment_report(out, history, seconds, after_images=None):
             d = np.array(b["golden_all"]) - np.array(a["golden_all"])
             se = float(d.std(ddof=1) / np.sqrt(len(d)))
             summary.update({f"golden_before_{s}": a["golden"], f"golden_after_{s}": b["golden"], f"golden_se_{s}": se})
-            summary.update({f"{k}_{w}_{s}": h[k] for k in ("color", "shape", "background") for w, h in (("before", a), ("after", b))})
+            for w, h in (("before", a), ("after", b)):
+                summary.update({f"{k}_{w}_{s}": h[k] for k in ("color", "shape", "background")})
             line += (f", golden {a['golden']:.4f} -> {b['golden']:.4f} ({b['golden'] - a['golden']:+.4f} +- {se:.4f}), "
                      f"colour match {a['color']:.2f} -> {b['color']:.2f}, shape match {a['shape']:.2f} -> {b['shape']:.2f}")
         lines.append(line)
@@ -502,12 +492,10 @@ def alignment_report(out, history, seconds, after_images=None):
         if f"{k}_train" in summary:
             summary[k] = summary[f"{k}_train"]
     _atomic(os.path.join(out, "summary.json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
-    panels = [line_chart({s: ([h["iter"] for h in history], [h[s][k] for h in history]) for s in first if s != "iter"},
-                         f"{k} (EMA policy, fixed seeds)", "iteration") for k in ("reward", "golden") if k in first["train"]]
-    canvas = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
-    for j, p in enumerate(panels):
-        canvas.paste(p, (j * p.width, 0))
-    canvas.save(os.path.join(out, "curves.png"))
+    splits = [s for s in first if s != "iter"]
+    save_curves(os.path.join(out, "curves.png"), [(f"{k} (EMA policy, fixed seeds)", "iteration", {
+        s: ([h["iter"] for h in history], [h[s][k] for h in history]) for s in splits}) for k in ("reward", "golden")
+        if k in first["train"]])
     if after_images:
         before = Image.open(os.path.join(out, "before.png"))
         after = image_grid([im[:12] for im in after_images.values()])

@@ -146,46 +146,8 @@ def save_atomic(path, write):
 
 
 def plot_sweep(path, ts, curves):
-    """Accuracy vs noise level, one line per benchmark (as DiNa-LRM Figure 2). matplotlib if installed
-    (Agg), otherwise a plain PIL line chart, so the PNG exists either way."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        plt = None
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, acc in curves.items():
-            ax.plot(ts, [100 * a for a in acc], marker="o", label=name)
-        ax.set(xlabel="noise level t", ylabel="pairwise accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        save_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-        return plt.close(fig)
-    from PIL import Image, ImageDraw
-    W, H, m, R = 760, 440, 60, 200  # R: right margin holding the legend
-    img, colors = Image.new("RGB", (W, H), "white"), ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
-    d, accs = ImageDraw.Draw(img), [a for acc in curves.values() for a in acc]
-    lo, hi = max(0.0, min(accs) - 0.05), min(1.0, max(accs) + 0.05)
-    t0, t1 = min(ts), max(ts) if max(ts) > min(ts) else min(ts) + 1
-    px = lambda t, a: (m + (t - t0) / (t1 - t0) * (W - m - R), H - m - (a - lo) / max(hi - lo, 1e-6) * (H - 2 * m))
-    d.rectangle([m, m, W - R, H - m], outline="black")
-    for t in ts:
-        d.text((px(t, lo)[0] - 8, H - m + 6), f"{t:.2g}", fill="black")
-    for a in np.linspace(lo, hi, 5):
-        d.text((8, px(t0, a)[1] - 6), f"{100 * a:.0f}%", fill="black")
-    d.text(((m + W - R) // 2 - 40, H - 24), "noise level t", fill="black")
-    d.text((m, 20), "pairwise accuracy vs t", fill="black")
-    for j, (name, acc) in enumerate(curves.items()):
-        c, pts = colors[j % len(colors)], [px(t, a) for t, a in zip(ts, acc)]
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        for x, y in pts:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
-        d.text((W - R + 12, m + 16 * j), f"-- {name}", fill=c)
-    save_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+    """Accuracy vs noise level, one line per benchmark (as DiNa-LRM Figure 2)."""
+    data.save_curves(path, [("pairwise accuracy vs t", "noise level t", {n: (ts, [100 * a for a in acc]) for n, acc in curves.items()})])
 
 
 def peak_memory():

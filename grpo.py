@@ -34,9 +34,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from model import (SDE_STEPS, add_policy_lora, decode_latents, embeds, encode_prompt_table, evaluate_policy, load_pipeline,
-                   load_policy_state, load_rewards, sample, save_policy_lora, save_policy_state, score_rewards, sd3_sigmas, seeded,
-                   velocity)
+from model import (SDE_STEPS, add_policy_lora, decode_latents, embeds, encode_prompt_table, evaluate_policy,
+                   load_pipeline, load_policy_state, load_rewards, sample, save_policy_lora, save_policy_state,
+                   score_rewards, sd3_sigmas, seeded, velocity)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--backbone", default="toy", help="the generator: tiny | toy | sd35m | sd35l")
@@ -44,10 +44,13 @@ parser.add_argument("--backbone-path", default=None, help="diffusers folder or h
 parser.add_argument("--reward", nargs="+", default=None, help="train_reward.py checkpoint folder(s); 'oracle' on the toy "
                     "(decode + golden oracle: the ceiling). Default: out/reward-toy-dina on the toy")
 parser.add_argument("--reward-weight", nargs="+", type=float, default=None, help="weight of each reward's advantages (1)")
-parser.add_argument("--reward-t", type=float, default=None, help="noise level the reward reads (default: its checkpoint's t_eval)")
+parser.add_argument("--reward-t", type=float, default=None,
+                    help="noise level the reward reads (default: its checkpoint's t_eval)")
 parser.add_argument("--prompts", default=None, help="training prompts, one per line (toy: out/toy/prompts_train.txt)")
-parser.add_argument("--eval-prompts", default=None, help="fixed evaluation prompts seen in training (toy: the training prompts)")
-parser.add_argument("--heldout-prompts", default=None, help="fixed held-out evaluation prompts (toy: out/toy/prompts_heldout.txt)")
+parser.add_argument("--eval-prompts", default=None,
+                    help="fixed evaluation prompts seen in training (toy: the training prompts)")
+parser.add_argument("--heldout-prompts", default=None,
+                    help="fixed held-out evaluation prompts (toy: out/toy/prompts_heldout.txt)")
 parser.add_argument("--recipe", default="flow-grpo", help="flow-grpo | dina: the defaults of the flags left alone")
 # None = the recipe's value (help: Flow-GRPO SD3.5 / toy), filled in by resolve_args
 parser.add_argument("--iters", type=int, default=None, help="iterations (sample, score, update): 1000 / 24")
@@ -60,6 +63,7 @@ parser.add_argument("--resolution", type=int, default=None, help="image side: 51
 parser.add_argument("--steps", type=int, default=10, help="sampling steps of the rollouts (Flow-GRPO: 10)")
 parser.add_argument("--eval-steps", type=int, default=None, help="ODE steps of the evaluation samples: 40 / 10")
 parser.add_argument("--eval-seeds", type=int, default=None, help="images per evaluation prompt (fixed seeds): 2 / 4")
+parser.add_argument("--heldout-seeds", type=int, default=None, help="images per held-out prompt: 2 / 12 (the toy has 15)")
 parser.add_argument("--cfg", type=float, default=None, help="guidance in rollouts and training, 1 = off: 4.5 (dina: 1)")
 parser.add_argument("--eval-cfg", type=float, default=4.5, help="guidance of the evaluation samples")
 parser.add_argument("--sde-type", default=None, help="sde (Flow-GRPO) | cps (coefficients-preserving; dina)")
@@ -68,30 +72,32 @@ parser.add_argument("--sde-window", type=int, default=None, help="Flow-GRPO-Fast
                     "0 = all steps (Flow-GRPO): 0 (dina: 3)")
 parser.add_argument("--sde-window-range", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                     help="START,END: the window's first step is drawn from [START, END) (default 0,steps-W+1; dina 0,5)")
-parser.add_argument("--timestep-fraction", type=float, default=0.99, help="share of the stochastic steps trained, from the "
-                    "first: 0.99 trains 9 of 10 (the last is stochastic but untrained)")
+parser.add_argument("--timestep-fraction", type=float, default=0.99, help="Flow-GRPO: share of the steps trained, from the "
+                    "first: 0.99 trains 9 of 10 (the last is stochastic but untrained); Fast trains its whole window")
 parser.add_argument("--adv-clip", type=float, default=5.0, help="advantages clipped to +-this")
 parser.add_argument("--global-std", action="store_true", help="normalise by the std of the whole batch, not of the group")
 parser.add_argument("--clip-range", type=float, default=None, help="PPO ratio clip eps: 1e-4 (dina 3e-6)")
 parser.add_argument("--beta", type=float, default=None, help="KL weight: 0.04 (Flow-GRPO GenEval; dina 0.004)")
-parser.add_argument("--lr", type=float, default=None, help="AdamW: 3e-4 (dina 5e-5) / toy 1e-3")
+parser.add_argument("--lr", type=float, default=None, help="AdamW: 3e-4 (dina 5e-5) / toy 5e-3")
 parser.add_argument("--weight-decay", type=float, default=1e-4)
 parser.add_argument("--grad-clip", type=float, default=1.0)
 parser.add_argument("--lora-rank", type=int, default=None, help="32 / 8")
 parser.add_argument("--lora-alpha", type=int, default=None, help="64 / 16 (2 x rank)")
-parser.add_argument("--ema", type=float, default=0.9, help="EMA decay of the LoRA weights used for evaluation and export; 0 = off")
+parser.add_argument("--ema", type=float, default=0.9,
+                    help="EMA decay of the LoRA weights used for evaluation and export; 0 = off")
 parser.add_argument("--out", default="out/grpo")
-parser.add_argument("--eval-interval", type=int, default=None, help="iterations between evaluations: 25 / 6 (0: first and last only)")
-parser.add_argument("--ckpt-interval", type=int, default=None, help="iterations between checkpoints: 25 / 6")
+parser.add_argument("--eval-interval", type=int, default=None,
+                    help="iterations between evaluations: 25 / 8 (0: first and last only)")
+parser.add_argument("--ckpt-interval", type=int, default=None, help="iterations between checkpoints: 25 / 8")
 parser.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.safetensors")
 parser.add_argument("--seed", type=int, default=0)
 
 # (SD3.5, toy) values of the flags left at None. Flow-GRPO: config/grpo.py pickscore_sd3 (24 images per prompt, 48 groups
 # per epoch, 2 updates), train.beta of its GenEval config; the toy's fit a 10-minute CPU run (README: measured)
-DEFAULTS = dict(iters=(1000, 24), resolution=(512, 32), group_size=(24, 8), groups=(48, 6), updates=(2, 1), batch=(8, 48), eval_steps=(40, 10),
-                eval_seeds=(2, 4), cfg=(4.5, 4.5), sde_type=("sde", "sde"), noise_level=(0.7, 0.7), sde_window=(0, 0),
-                clip_range=(1e-4, 1e-4), beta=(0.04, 0.04), lr=(3e-4, 1e-3), lora_rank=(32, 8), lora_alpha=(64, 16),
-                eval_interval=(25, 6), ckpt_interval=(25, 6))
+DEFAULTS = dict(iters=(1000, 24), resolution=(512, 32), group_size=(24, 8), groups=(48, 6), updates=(2, 1), batch=(8, 48),
+                eval_steps=(40, 10), eval_seeds=(2, 4), heldout_seeds=(2, 12), cfg=(4.5, 4.5), sde_type=("sde", "sde"),
+                noise_level=(0.7, 0.7), sde_window=(0, 0), clip_range=(1e-4, 1e-4), beta=(0.04, 0.04), lr=(3e-4, 5e-3),
+                lora_rank=(32, 8), lora_alpha=(64, 16), eval_interval=(25, 8), ckpt_interval=(25, 8))
 # DiNa-LRM's GRPO recipe with its latent reward (Fast, CPS 0.8, a 3-step window starting in [0, 5), no CFG, groups of 18)
 DINA = dict(sde_type="cps", noise_level=0.8, sde_window=3, sde_window_range=(0, 5), cfg=1.0, group_size=18,
             clip_range=3e-6, beta=0.004, lr=5e-5)
@@ -130,14 +136,15 @@ def resolve_args(args):
 
 
 def schedule(args, it):
-    """-> (stochastic steps, trained steps) of iteration `it`: all steps, or a window whose start is seeded by it."""
-    if not args.sde_window:
-        sde = list(range(args.steps))
-    else:
+    """-> (stochastic steps, trained steps) of iteration `it`. Flow-GRPO: all steps stochastic, the first
+    int(N x timestep fraction) trained (9 of 10: the last is stochastic but untrained). Fast: a window of W steps whose
+    start is seeded by the iteration, all of it trained, ODE elsewhere."""
+    if args.sde_window:
         start = torch.randint(*args.sde_window_range, (1,), generator=seeded(args.seed, it, 1)).item()
         sde = list(range(start, start + args.sde_window))
-    n_train = max(1, int(len(sde) * args.timestep_fraction)) if len(sde) > 1 else 1
-    return sde, sde[:n_train]
+        return sde, sde
+    sde = list(range(args.steps))
+    return sde, sde[:max(1, int(args.steps * args.timestep_fraction))]
 
 
 def advantages(rewards, groups, weights, global_std=False, clip=5.0):
@@ -201,6 +208,7 @@ def main(args):
     ema = {n: p.detach().clone() for n, p in params.items()}
     sigmas, eval_sigmas = sd3_sigmas(args.steps), sd3_sigmas(args.eval_steps)
     neg = embeds(table, [""], device)
+    seeds = dict(train=args.eval_seeds, heldout=args.heldout_seeds)
     step_fn = SDE_STEPS[args.sde_type]
 
     decode = lambda lat: decode_latents(vae, lat)
@@ -219,7 +227,7 @@ def main(args):
     def evaluate():
         swap_ema()
         with autocast:
-            rep, imgs = evaluate_policy(transformer, table, splits, args.eval_seeds, eval_sigmas, args.eval_cfg, proxy,
+            rep, imgs = evaluate_policy(transformer, table, splits, seeds, eval_sigmas, args.eval_cfg, proxy,
                                         shape, vae, oracle)
         swap_ema()
         return rep, imgs
@@ -301,7 +309,8 @@ def main(args):
                             transformer.disable_adapters()
                             v_ref = velocity(transformer, x, sigmas[j], pe, pooled, args.cfg, neg)
                             transformer.enable_adapters()
-                        mu_ref = step_fn(v_ref, x, sigmas[j], sigmas[j + 1], args.noise_level, x_next, sigma1=float(sigmas[1]))[2]
+                        mu_ref = step_fn(v_ref, x, sigmas[j], sigmas[j + 1], args.noise_level, x_next,
+                                         sigma1=float(sigmas[1]))[2]
                     loss, kl, ratio = grpo_loss(lp, old_lp[rows, j], adv[rows], args.clip_range, mu, mu_ref, std, args.beta)
                     loss.sum().div(denom).backward()
                     stats["loss"] += loss.sum().item() / denom
@@ -342,7 +351,8 @@ def main(args):
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if it % args.ckpt_interval == 0 or it == args.iters:
-                save_policy_state(ckpt_path, params, ema, opt, dict(args=vars(args), iteration=it, history=history, world_size=world))
+                meta = dict(args=vars(args), iteration=it, history=history, world_size=world)
+                save_policy_state(ckpt_path, params, ema, opt, meta)
         bar.update(1)
     bar.close()
     if rank == 0:

@@ -75,68 +75,6 @@ def check_names(backbone, head):
         raise ValueError(f"unknown head {head!r}; choose one of {list(HEADS)}")
 
 
-def write_word_tokenizer(folder, words=(), max_length=16):
-    """A CLIP BPE tokenizer written locally (tiny/toy only): one token per character, plus BPE merges
-    that make each of `words` one token ("red</w>"), so a toy prompt is ~9 tokens, not ~37 characters.
-    Any other text still tokenizes (character by character). max_length = the CLIP sequence length."""
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in chars:
-            vocab[c + suffix] = len(vocab)
-    merges = []
-    for w in sorted(set(words)):  # left to right: "r e", "re d</w>" -> "red</w>"
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            parts = [parts[0] + parts[1]] + parts[2:]
-            vocab.setdefault(parts[0], len(vocab))
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(m + "\n" for m in dict.fromkeys(merges)))
-    from transformers import CLIPTokenizer
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                         unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=max_length)
-
-
-def make_tiny_pipeline(seed=0, size="tiny"):
-    """A random SD3 pipeline with the real architecture at toy scale (two CLIP encoders, no T5).
-    size="tiny" (tests): 4 blocks, width 32, a 4x VAE (32x32 RGB -> 8x8x4 latents), patch 2: 16 image tokens.
-    size="toy" (toy.py trains it): 6 blocks, width 128, a 2x VAE (32x32 -> 16x16x4), patch 2: 64 image tokens.
-    The toy VAE downsamples 2x, not SD3's 8x: at 4x it blurred every edge by about a pixel (the oracle read
-    the shape off only 82% of its reconstructions, vs 97% at 2x), and the reward could not see mild blur."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-    tiny = size == "tiny"
-    from toy import TOY_BACKGROUNDS, TOY_COLORS, TOY_SHAPES  # here, not at the top: toy.py imports model
-    words = ["a", "on", "background", *TOY_COLORS, *TOY_SHAPES, *TOY_BACKGROUNDS]  # the toy prompts' words
-    tokenizer = write_word_tokenizer(tempfile.mkdtemp(prefix="toy_tokenizer_"), words)
-    torch.manual_seed(seed)
-    h = 16 if tiny else 32  # CLIP width; prompt_embeds = cat(clip_l, clip_g) padded to joint_attention_dim
-
-    def clip():
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, projection_dim=h, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    width, heads = (32, 2) if tiny else (128, 4)
-    transformer = SD3Transformer2DModel(
-        sample_size=8 if tiny else 16, patch_size=2, in_channels=4, num_layers=4 if tiny else 6,
-        attention_head_dim=width // heads, num_attention_heads=heads, joint_attention_dim=2 * h,
-        caption_projection_dim=width, pooled_projection_dim=2 * h, out_channels=4, pos_embed_max_size=16,
-        dual_attention_layers=(0, 1), qk_norm="rms_norm")  # dual attention + RMS qk-norm: the SD3.5 path
-    ch = (8, 16, 16) if tiny else (32, 32)  # len(ch) - 1 stride-2 downsamplings (toy: 32 at 16x16 too, as good as 64
-    # there and half the VAE's training time: L1 0.020 vs 0.019, the oracle reads 97% of reconstructions either way)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(ch),
-                        up_block_types=("UpDecoderBlock2D",) * len(ch), block_out_channels=ch, layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.0, scaling_factor=1.0)
-    return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=clip(), tokenizer=tokenizer, text_encoder_2=clip(), tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None)
-
-
 def resolve_path(backbone, path=None):
     path = path or BACKBONES[backbone]["path"]
     if backbone == "toy" and path == BACKBONES["toy"]["path"] and not os.path.isdir(path):
@@ -148,6 +86,7 @@ def load_pipeline(backbone, path=None, seed=0, with_transformer=True, dtype=torc
     """The diffusers pipeline (VAE + text encoders [+ transformer]). Used for encoding the cache."""
     check_names(backbone, "dina")
     if backbone == "tiny" and path is None:
+        from toy import make_tiny_pipeline  # the tiny/toy SD3 architecture is built by the toy world's file
         return make_tiny_pipeline(seed)
     from diffusers import StableDiffusion3Pipeline
     path = resolve_path(backbone, path)
@@ -161,6 +100,7 @@ def load_transformer(backbone, path=None, seed=0, dtype=torch.float32, random_in
     """The SD3Transformer2DModel only (no VAE, no text encoders: training reads the cache).
     random_init: the same architecture with fresh weights seeded by `seed` (the papers' ablation)."""
     if backbone == "tiny" and path is None:
+        from toy import make_tiny_pipeline
         return make_tiny_pipeline(seed).transformer  # float32, as the tests want
     from diffusers import SD3Transformer2DModel
     path = resolve_path(backbone, path)
@@ -651,7 +591,8 @@ def load_policy_state(path, params, ema, opt, device="cpu"):
         p.data.copy_(tensors[f"lora.{n}"])
         ema[n].copy_(tensors[f"ema.{n}"])
         if f"optim.{n}.exp_avg" in tensors:
-            opt.state[p] = {k: tensors[f"optim.{n}.{k}"].to("cpu" if k == "step" else device) for k in ("step", "exp_avg", "exp_avg_sq")}
+            opt.state[p] = {k: tensors[f"optim.{n}.{k}"].to("cpu" if k == "step" else device)
+                            for k in ("step", "exp_avg", "exp_avg_sq")}
     return meta
 
 
@@ -690,7 +631,8 @@ def score_rewards(rewards, lat, prompts, table, keys, decode=None):
     for r in rewards:
         if r["model"] is None:
             import toy
-            out.append(torch.tensor(toy.toy_golden_score(decode(lat.detach()), prompts), dtype=torch.float32, device=lat.device))
+            golden = toy.toy_golden_score(decode(lat.detach()), prompts)
+            out.append(torch.tensor(golden, dtype=torch.float32, device=lat.device))
             continue
         eps = torch.stack([torch.randn(lat.shape[1:], generator=seeded(*k)) for k in keys]).to(lat.device)
         pe, pooled = embeds(table, prompts, lat.device)
@@ -708,15 +650,17 @@ def decode_latents(vae, z):
 
 
 @torch.no_grad()
-def evaluate_policy(transformer, table, splits, n_seeds, sigmas, cfg, reward_fn, shape, vae=None, oracle=False, batch=64):
+def evaluate_policy(transformer, table, splits, seeds, sigmas, cfg, reward_fn, shape, vae=None, oracle=False, batch=64):
     """The alignment stages' evaluation (DESIGN.md section 10): ODE samples of fixed prompts and seeds (image k of a
     prompt always starts from the noise seeded(4242, k, its index in the split)); the proxy reward; on the toy the
-    golden oracle on the decoded images and its prompt-match rates. splits {name: prompts}; reward_fn(latents, prompts)
-    -> (B,); shape: the latent's (h, w). -> {name: dict(reward, golden, color, shape, background, golden_all)}, {name: first-seed PIL images}."""
+    golden oracle on the decoded images and its prompt-match rates. splits {name: prompts}, seeds {name: images per
+    prompt}; reward_fn(latents, prompts)
+    -> (B,); shape: the latent's (h, w).
+    -> {name: dict(reward, golden, color, shape, background, golden_all)}, {name: first-seed PIL images}."""
     dev = next(transformer.parameters()).device
     report, images = {}, {}
     for name, prompts in splits.items():
-        items = [(p, i, k) for k in range(n_seeds) for i, p in enumerate(prompts)]
+        items = [(p, i, k) for k in range(seeds[name]) for i, p in enumerate(prompts)]
         z, r = [], []
         for c in range(0, len(items), batch):
             chunk = items[c:c + batch]

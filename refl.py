@@ -6,7 +6,7 @@ with its gradient flowing back into the LoRA policy. No VAE decode, no text enco
 
 Toy world (after the quick start `python train_reward.py`; about 8 minutes on 2 CPU cores):
     python refl.py
-    python refl.py --fm-weight 1 --out out/refl-fm            # with the pretraining (flow-matching) loss on real latents
+    python refl.py --fm-weight 0 --out out/refl-nofm          # without the pretraining (flow-matching) loss
 SD3.5-M with a DiNa-LRM reward trained here, 8 GPUs (real latents: a train_reward.py --cache-only cache):
     torchrun --nproc_per_node=8 refl.py --backbone sd35m --reward out/reward-sd35m-dina --prompts prompts_train.txt \
         --eval-prompts prompts_eval.txt --heldout-prompts prompts_heldout.txt --fm-weight 1 \
@@ -40,12 +40,15 @@ parser.add_argument("--backbone-path", default=None, help="diffusers folder or h
 parser.add_argument("--reward", nargs="+", default=None, help="train_reward.py checkpoint folder(s) (default on the toy: "
                     "out/reward-toy-dina); 'oracle' is not differentiable and is refused")
 parser.add_argument("--reward-weight", nargs="+", type=float, default=None, help="weight of each reward (1)")
-parser.add_argument("--reward-t", type=float, default=None, help="noise level the reward reads (default: its checkpoint's t_eval)")
+parser.add_argument("--reward-t", type=float, default=None,
+                    help="noise level the reward reads (default: its checkpoint's t_eval)")
 parser.add_argument("--prompts", default=None, help="training prompts, one per line (toy: out/toy/prompts_train.txt)")
-parser.add_argument("--eval-prompts", default=None, help="fixed evaluation prompts seen in training (toy: the training prompts)")
-parser.add_argument("--heldout-prompts", default=None, help="fixed held-out evaluation prompts (toy: out/toy/prompts_heldout.txt)")
+parser.add_argument("--eval-prompts", default=None,
+                    help="fixed evaluation prompts seen in training (toy: the training prompts)")
+parser.add_argument("--heldout-prompts", default=None,
+                    help="fixed held-out evaluation prompts (toy: out/toy/prompts_heldout.txt)")
 # None = the recipe's value (help: SD3.5 / toy), filled in by resolve_args
-parser.add_argument("--iters", type=int, default=None, help="optimizer steps: 300 / 60")
+parser.add_argument("--iters", type=int, default=None, help="optimizer steps: 300 / 100")
 parser.add_argument("--batch", type=int, default=None, help="images per step over all ranks (ReFL, DiNa: 64) / 24")
 parser.add_argument("--micro-batch", type=int, default=None, help="images per forward on one rank (default: batch / world)")
 parser.add_argument("--resolution", type=int, default=None, help="image side: 512 / 32")
@@ -56,13 +59,15 @@ parser.add_argument("--cfg", type=float, default=4.5, help="guidance of the no-g
                     "conditional only, as ImageReward's ReFL)")
 parser.add_argument("--eval-steps", type=int, default=None, help="ODE steps of the evaluation samples: 40 / 10")
 parser.add_argument("--eval-seeds", type=int, default=None, help="images per evaluation prompt (fixed seeds): 2 / 4")
+parser.add_argument("--heldout-seeds", type=int, default=None, help="images per held-out prompt: 2 / 12 (the toy has 15)")
 parser.add_argument("--eval-cfg", type=float, default=4.5)
 parser.add_argument("--loss", default="mean", help="mean: mean(target - r) (DiNa) | relu: mean(relu(target - r)) (ImageReward)")
 parser.add_argument("--target", type=float, default=2.0, help="the 2 of 2 - r")
-parser.add_argument("--fm-weight", type=float, default=0.0, help="lam of (L + lam L_fm) / (1 + lam); 0 = no pretraining loss")
-parser.add_argument("--fm-data", default=None, help="real latents for L_fm: a train_reward.py cache folder (every image in it); "
+parser.add_argument("--fm-weight", type=float, default=None, help="lam of (L + lam L_fm) / (1 + lam), 0 = no pretraining "
+                    "loss: 0 / 1 (the toy's renders; README: without it the toy reward is hacked within 100 steps)")
+parser.add_argument("--fm-data", default=None, help="real latents for L_fm: a train_reward.py cache folder (all its images); "
                     "toy default: fresh renders of the training prompts, VAE-encoded once")
-parser.add_argument("--lr", type=float, default=None, help="AdamW: 1e-4 (ReFL, DiNa) / 1e-3")
+parser.add_argument("--lr", type=float, default=None, help="AdamW: 1e-4 (ReFL, DiNa) / 1e-4")
 parser.add_argument("--weight-decay", type=float, default=1e-4)
 parser.add_argument("--grad-clip", type=float, default=1.0)
 parser.add_argument("--lora-rank", type=int, default=None, help="32 / 8")
@@ -71,15 +76,15 @@ parser.add_argument("--ema", type=float, default=0.9, help="EMA decay of the LoR
 parser.add_argument("--early-stop", type=int, default=0, help="stop when the held-out proxy has not risen for this many "
                     "evaluations, and export the best evaluation's weights (0 = off)")
 parser.add_argument("--out", default="out/refl")
-parser.add_argument("--eval-interval", type=int, default=None, help="steps between evaluations: 25 / 15")
-parser.add_argument("--ckpt-interval", type=int, default=None, help="steps between checkpoints: 25 / 15")
+parser.add_argument("--eval-interval", type=int, default=None, help="steps between evaluations: 25 / 25")
+parser.add_argument("--ckpt-interval", type=int, default=None, help="steps between checkpoints: 25 / 25")
 parser.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.safetensors")
 parser.add_argument("--seed", type=int, default=0)
 
 # (SD3.5, toy) values of the flags left at None; the toy's fit a 10-minute CPU run (README: measured)
-DEFAULTS = dict(iters=(300, 60), batch=(64, 24), resolution=(512, 32), steps=(40, 10), mid_range=((30, 40), (7, 10)),
-                eval_steps=(40, 10), eval_seeds=(2, 4), lr=(1e-4, 1e-3), lora_rank=(32, 8), lora_alpha=(64, 16),
-                eval_interval=(25, 15), ckpt_interval=(25, 15))
+DEFAULTS = dict(iters=(300, 100), batch=(64, 24), resolution=(512, 32), steps=(40, 10), mid_range=((30, 40), (7, 10)),
+                eval_steps=(40, 10), eval_seeds=(2, 4), heldout_seeds=(2, 12), lr=(1e-4, 1e-4), fm_weight=(0.0, 1.0),
+                lora_rank=(32, 8), lora_alpha=(64, 16), eval_interval=(25, 25), ckpt_interval=(25, 25))
 
 
 def resolve_args(args):
@@ -180,6 +185,7 @@ def main(args):
     ema = {n: p.detach().clone() for n, p in params.items()}
     sigmas, eval_sigmas = sd3_sigmas(args.steps), sd3_sigmas(args.eval_steps)
     neg = embeds(table, [""], device)
+    seeds = dict(train=args.eval_seeds, heldout=args.heldout_seeds)
     weights = torch.tensor(args.reward_weight, device=device)[:, None]
 
     def proxy(lat, prompts):  # the evaluation's proxy: the weighted sum of the rewards (fixed reward noise)
@@ -195,7 +201,7 @@ def main(args):
     def evaluate():
         swap_ema()
         with autocast:
-            rep, imgs = evaluate_policy(transformer, table, splits, args.eval_seeds, eval_sigmas, args.eval_cfg, proxy,
+            rep, imgs = evaluate_policy(transformer, table, splits, seeds, eval_sigmas, args.eval_cfg, proxy,
                                         shape, vae, args.backbone == "toy")
         swap_ema()
         return rep, imgs
@@ -282,7 +288,8 @@ def main(args):
             else:
                 stale += 1
         if rank == 0:
-            bar.write(f"step {it} | mid {mid} | loss {stats['loss']:.4f} | reward {stats['reward']:.4f} | fm {stats['fm']:.4f} | "
+            bar.write(f"step {it} | mid {mid} | loss {stats['loss']:.4f} | reward {stats['reward']:.4f} | "
+                      f"fm {stats['fm']:.4f} | "
                       f"gnorm {gnorm:.3f} | {rec['seconds']['training']:.1f} s")
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")

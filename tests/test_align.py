@@ -14,7 +14,8 @@ import torch
 import grpo
 import model
 import refl
-from model import build_reward_model, cps_step, make_tiny_pipeline, sample, save_checkpoint, sd3_sigmas, sde_step, trainable_state
+from model import build_reward_model, cps_step, sample, save_checkpoint, sd3_sigmas, sde_step, trainable_state
+from toy import make_tiny_pipeline
 from toy import toy_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +139,8 @@ def world(tmp_path_factory):
 def grpo_args(w, out, *extra):
     return grpo.parser.parse_args(["--backbone", "tiny", "--reward", str(w / "reward"), "--prompts", str(w / "train.txt"),
                                    "--heldout-prompts", str(w / "heldout.txt"), "--groups", "2", "--group-size", "2",
-                                   "--batch", "2", "--steps", "4", "--eval-steps", "3", "--eval-seeds", "1", "--iters", "2",
+                                   "--batch", "2", "--steps", "4", "--eval-steps", "3", "--eval-seeds", "1",
+                                   "--heldout-seeds", "1", "--iters", "2",
                                    "--eval-interval", "0", "--ckpt-interval", "1", "--lr", "1e-2", "--out", str(out), *extra])
 
 
@@ -178,6 +180,16 @@ def test_grpo_first_ratio_is_one_kl_zero_and_lora_export(world, tmp_path, capsys
     assert (want - untouched).abs().max() > 1e-4  # the LoRA changed the generator
 
 
+def test_grpo_dina_recipe_cps_window(world, tmp_path):
+    """--recipe dina: CPS noise 0.8 on a 3-step window only (Fast), no CFG; the first ratio is still exactly 1."""
+    out = tmp_path / "d"
+    grpo.main(grpo_args(world, out, "--recipe", "dina", "--sde-window-range", "0,2", "--iters", "1"))
+    first = log(out)[0]
+    assert len(first["sde_steps"]) == 3 and first["sde_steps"][0] in (0, 1) and first["ratio_dev"] == 0.0
+    args = json.loads(json.dumps(model.load_checkpoint(str(out / "ckpt.safetensors"))[1]["args"]))
+    assert (args["sde_type"], args["noise_level"], args["cfg"], args["group_size"]) == ("cps", 0.8, 1.0, 2)
+
+
 def test_no_decode_or_text_encoding_in_the_loop(world, tmp_path, monkeypatch):
     """The VAE and the text encoders raise outside the one prompt encoding and the evaluations (GRPO and ReFL)."""
     from diffusers import AutoencoderKL
@@ -214,8 +226,10 @@ def test_no_decode_or_text_encoding_in_the_loop(world, tmp_path, monkeypatch):
 
 def refl_args(w, out, *extra):
     return refl.parser.parse_args(["--backbone", "tiny", "--reward", str(w / "reward"), "--prompts", str(w / "train.txt"),
+                                   "--fm-weight", "0",
                                    "--heldout-prompts", str(w / "heldout.txt"), "--batch", "4", "--micro-batch", "2",
                                    "--steps", "4", "--mid-range", "2,4", "--eval-steps", "3", "--eval-seeds", "1",
+                                   "--heldout-seeds", "1",
                                    "--iters", "3", "--eval-interval", "0", "--ckpt-interval", "1", "--lr", "1e-2",
                                    "--out", str(out), *extra])
 
@@ -253,6 +267,7 @@ def test_grpo_two_processes_equal_one(world, tmp_path):
         out = tmp_path / f"w{n}"
         args = ["--backbone", "tiny", "--reward", str(world / "reward"), "--prompts", str(world / "train.txt"),
                 "--groups", "2", "--group-size", "2", "--batch", "2", "--steps", "3", "--eval-steps", "2", "--eval-seeds", "1",
+                "--heldout-seeds", "1",
                 "--iters", "2", "--eval-interval", "0", "--lr", "1e-2", "--beta", "0.04", "--out", str(out)]
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master-port", str(29610 + n),
                str(ROOT / "grpo.py"), *args]

@@ -163,6 +163,24 @@ def test_cache_round_trip_two_ranks(tmp_path):
         data.PairCache(out, latent_channels=16)
 
 
+def test_cache_stores_given_latents(tmp_path):
+    """data.given_latents: a generator's own latents (root/image_latents.safetensors, keys relative to root) are stored
+    as given, not encoded; the other images are encoded as usual."""
+    from safetensors.torch import save_file
+    pairs, seen = _toy_pairs(tmp_path), []
+    own = torch.randn(2, 8, 8)
+    save_file({"im1.png": own}, str(tmp_path / "image_latents.safetensors"))
+    given = data.given_latents(str(tmp_path))
+    assert list(given) == [os.path.normpath(str(tmp_path / "im1.png"))]
+    enc_img, enc_txt = _encoders(seen)
+    data.build_cache(pairs, str(tmp_path), str(tmp_path / "c"), enc_img, enc_txt, [(32, 32)], given=given)
+    assert len(seen) == 9  # 10 images, one given
+    cache = data.PairCache(str(tmp_path / "c"))
+    i = next(i for i, p in enumerate(pairs) if p["chosen"] == "im1.png")
+    assert torch.equal(cache.pair(i)["lat_pos"], own)
+    assert data.given_latents(str(tmp_path / "nowhere")) == {}
+
+
 def test_cache_bad_images(tmp_path):
     pairs = _toy_pairs(tmp_path)
     (tmp_path / "im4.png").write_bytes(b"not a png")
