@@ -7,7 +7,7 @@ the LoRA policy takes a PPO-clipped step on every trained denoising step, with a
 Toy world (after the quick start `python train_reward.py`; about 9 minutes on 2 CPU cores):
     python grpo.py                                   # the latent reward out/reward-toy-dina
     python grpo.py --reward oracle --out out/grpo-oracle     # the ceiling: decode and score with the golden oracle
-    python grpo.py --sde-window 2 --out out/grpo-fast        # Flow-GRPO-Fast: SDE and training on a 2-step window
+    python grpo.py --sde-window 2 --iters 56 --eval-interval 14 --out out/grpo-fast   # Flow-GRPO-Fast, same time
 SD3.5-M with a DiNa-LRM reward trained here, 8 GPUs (Flow-GRPO's recipe; --recipe dina for DiNa-LRM's):
     torchrun --nproc_per_node=8 grpo.py --backbone sd35m --reward out/reward-sd35m-dina \
         --prompts prompts_train.txt --eval-prompts prompts_eval.txt --heldout-prompts prompts_heldout.txt --out out/grpo-sd35m
@@ -16,6 +16,9 @@ One iteration, in plain sight: G prompts x K images (spread over ranks, each ima
 image), so results do not depend on the world size) -> SDE rollouts with old log-probs -> rewards (all-gathered) ->
 advantages A = (r - mean_group) / (std_group + 1e-4) per reward, weighted, clipped -> U optimizer updates, each on
 1/U of the images over all trained steps: loss = max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) + beta KL.
+
+The toy's flags left alone take laptop values (DEFAULTS below); lr 5e-3 because the ceiling (--reward oracle)
+gained +0.006 +- 0.004 at lr 1e-3 in 24 iterations. README: past 24 iterations the latent reward is hacked.
 
 Deviations (honest notes): log-probs are the true Gaussian log-density (DESIGN.md 6), so --clip-range on CPS is not on
 the scale of the released DiNa/Flow-GRPO CPS code; gradients are all-reduced by hand after each update's backward
