@@ -4,7 +4,7 @@ no gradient down to a random late step, take one conditional generator step with
 x0_hat = x_t - sigma v, and let the frozen latent reward score x0_hat (re-noised to its noise level with seeded noise)
 with its gradient flowing back into the LoRA policy. No VAE decode, no text encoding: the reward reads latents.
 
-Toy world (after the quick start `python train_reward.py`; about 8 minutes on 2 CPU cores):
+Toy world (after the quick start `python train_reward.py`; about 6.5 minutes on 2 CPU cores):
     python refl.py
     python refl.py --fm-weight 0 --out out/refl-nofm          # without the pretraining (flow-matching) loss
 SD3.5-M with a DiNa-LRM reward trained here, 8 GPUs (real latents: a train_reward.py --cache-only cache):
