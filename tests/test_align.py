@@ -260,25 +260,30 @@ def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch, stage):
     assert [l["loss"] for l in log(killed)] == [l["loss"] for l in log(straight)]
 
 
-def test_grpo_two_processes_equal_one(world, tmp_path):
+@pytest.mark.parametrize("stage", ["grpo", "refl"])
+def test_two_processes_equal_one(world, tmp_path, stage):
     """torchrun --nproc_per_node=2 (gloo): the same losses and LoRA weights as one process at the same global batch."""
     outs = {}
+    common = ["--backbone", "tiny", "--reward", str(world / "reward"), "--prompts", str(world / "train.txt"),
+              "--steps", "3", "--eval-steps", "2", "--eval-seeds", "1", "--heldout-seeds", "1", "--iters", "2",
+              "--eval-interval", "0", "--lr", "1e-2"]
+    extra = (["--groups", "2", "--group-size", "2", "--batch", "2", "--beta", "0.04"] if stage == "grpo" else
+             ["--batch", "4", "--micro-batch", "2", "--mid-range", "1,3", "--fm-weight", "1"])
     for n in (1, 2):
         out = tmp_path / f"w{n}"
-        args = ["--backbone", "tiny", "--reward", str(world / "reward"), "--prompts", str(world / "train.txt"),
-                "--groups", "2", "--group-size", "2", "--batch", "2", "--steps", "3", "--eval-steps", "2", "--eval-seeds", "1",
-                "--heldout-seeds", "1",
-                "--iters", "2", "--eval-interval", "0", "--lr", "1e-2", "--beta", "0.04", "--out", str(out)]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master-port", str(29610 + n),
-               str(ROOT / "grpo.py"), *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master-port",
+               str(29610 + n + 10 * (stage == "refl")), str(ROOT / f"{stage}.py"), *common, *extra, "--out", str(out)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         outs[n] = out
     l1, l2 = log(outs[1]), log(outs[2])
+    assert len(l1) == len(l2) == 2
     for a, b in zip(l1, l2):
-        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["kl"] == pytest.approx(b["kl"], abs=1e-9)
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        if stage == "grpo":
+            assert a["kl"] == pytest.approx(b["kl"], abs=1e-9)
     w1, w2 = (model.load_checkpoint(str(o / "ckpt.safetensors"))[0] for o in (outs[1], outs[2]))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4, msg=k)
