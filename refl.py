@@ -183,7 +183,8 @@ def main(args):
     params = add_policy_lora(transformer, args.lora_rank, args.lora_alpha, seed=args.seed)
     opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     ema = {n: p.detach().clone() for n, p in params.items()}
-    sigmas, eval_sigmas = sd3_sigmas(args.steps), sd3_sigmas(args.eval_steps)
+    shift = pipe.scheduler.config.get("shift", 3.0)  # the generator's own schedule (SD3.5: 3)
+    sigmas, eval_sigmas = sd3_sigmas(args.steps, shift), sd3_sigmas(args.eval_steps, shift)
     neg = embeds(table, [""], device)
     seeds = dict(train=args.eval_seeds, heldout=args.heldout_seeds)
     weights = torch.tensor(args.reward_weight, device=device)[:, None]
