@@ -415,31 +415,7 @@ class PairCache:
             out.setdefault("x".join(map(str, p["shape"])), []).append(i)
         return out
 
-# ----------------------------------------------------------------------------- alignment stages: prompts, figures
-
-
-def read_prompts(path, flag="--prompts"):
-    """A prompts file, one prompt per line (blank lines skipped) -> list[str]; a missing or empty file is an error."""
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {path}: no such prompts file (one prompt per line)")
-    prompts = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
-    if not prompts:
-        raise ValueError(f"{flag} {path}: the prompts file is empty")
-    return prompts
-
-
-def image_grid(rows, cell=96, labels=()):
-    """rows: lists of PIL images (e.g. the same prompts and seeds before / after) -> one PIL grid, a label per row."""
-    from PIL import ImageDraw
-    pad = 90 if labels else 0
-    grid = Image.new("RGB", (pad + cell * max(map(len, rows)), cell * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, row in enumerate(rows):
-        if r < len(labels):
-            draw.text((4, r * cell + cell // 2 - 6), labels[r], fill="black")
-        for c, im in enumerate(row):
-            grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (pad + c * cell, r * cell))
-    return grid
+# ----------------------------------------------------------------------------- figures
 
 
 def save_curves(path, panels):
@@ -457,50 +433,3 @@ def save_curves(path, panels):
     fig.tight_layout()
     _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
-
-
-def describe_eval(h):
-    """One line of an alignment evaluation {split: {reward, golden, color, shape, ...}}."""
-    parts = []
-    for s in (s for s in h if s != "iter"):
-        g = f" golden {h[s]['golden']:.4f} (color {h[s]['color']:.2f} shape {h[s]['shape']:.2f})" if "golden" in h[s] else ""
-        parts.append(f"{s}: proxy {h[s]['reward']:.4f}{g}")
-    return " | ".join(parts)
-
-
-def alignment_report(out, history, seconds, after_images=None):
-    """An alignment stage's summary.json (DESIGN.md 10) from its evaluations (history[0] before training, [-1] after;
-    each {split: {reward, golden, golden_all, colour/shape/background match}}), curves.png (proxy and golden vs
-    iteration) and grid.png (out/before.png above, the after images below) -> (summary, one line per split).
-    golden_se: the standard error of the paired (same prompt and seed) golden difference over the split's images."""
-    first, last = history[0], history[-1]
-    summary, lines = dict(iterations=last["iter"], seconds=seconds), []
-    for s in (s for s in first if s != "iter"):
-        a, b = first[s], last[s]
-        summary.update({f"reward_before_{s}": a["reward"], f"reward_after_{s}": b["reward"]})
-        line = f"{s}: proxy {a['reward']:.4f} -> {b['reward']:.4f}"
-        if "golden" in a:
-            d = np.array(b["golden_all"]) - np.array(a["golden_all"])
-            se = float(d.std(ddof=1) / np.sqrt(len(d)))
-            summary.update({f"golden_before_{s}": a["golden"], f"golden_after_{s}": b["golden"], f"golden_se_{s}": se})
-            for w, h in (("before", a), ("after", b)):
-                summary.update({f"{k}_{w}_{s}": h[k] for k in ("color", "shape", "background")})
-            line += (f", golden {a['golden']:.4f} -> {b['golden']:.4f} ({b['golden'] - a['golden']:+.4f} +- {se:.4f}), "
-                     f"colour match {a['color']:.2f} -> {b['color']:.2f}, shape match {a['shape']:.2f} -> {b['shape']:.2f}")
-        lines.append(line)
-    for k in ("golden_before", "golden_after", "golden_se", "reward_before", "reward_after"):  # the training split's
-        if f"{k}_train" in summary:
-            summary[k] = summary[f"{k}_train"]
-    _atomic(os.path.join(out, "summary.json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
-    splits = [s for s in first if s != "iter"]
-    save_curves(os.path.join(out, "curves.png"), [(f"{k} (EMA policy, fixed seeds)", "iteration", {
-        s: ([h["iter"] for h in history], [h[s][k] for h in history]) for s in splits}) for k in ("reward", "golden")
-        if k in first["train"]])
-    if after_images:
-        before = Image.open(os.path.join(out, "before.png"))
-        after = image_grid([im[:12] for im in after_images.values()])
-        grid = Image.new("RGB", (before.width, before.height + after.height + 8), "white")
-        grid.paste(before, (0, 0))
-        grid.paste(after, (0, before.height + 8))
-        grid.save(os.path.join(out, "grid.png"))
-    return summary, lines

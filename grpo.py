@@ -36,10 +36,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import data
-from model import (SDE_STEPS, add_policy_lora, decode_latents, embeds, encode_prompt_table, evaluate_policy,
-                   load_pipeline, load_policy_state, load_rewards, sample, save_policy_lora, save_policy_state,
-                   score_rewards, sd3_sigmas, seeded, velocity)
+import align
+from model import SDE_STEPS, load_pipeline, sample, sd3_sigmas, seeded, velocity
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--backbone", default="toy", help="the generator: tiny | toy | sd35m | sd35l")
@@ -191,36 +189,36 @@ def main(args):
         raise ValueError(f"--groups {args.groups} x --group-size {args.group_size} = {n_img} images do not divide over "
                          f"{world} rank(s) x --updates {args.updates}")
     n_local = n_img // world
-    train_prompts = data.read_prompts(args.prompts, "--prompts")
-    splits = {"train": data.read_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else train_prompts[:32]}
+    train_prompts = align.read_prompts(args.prompts, "--prompts")
+    splits = {"train": align.read_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else train_prompts[:32]}
     if args.heldout_prompts:
-        splits["heldout"] = data.read_prompts(args.heldout_prompts, "--heldout-prompts")
+        splits["heldout"] = align.read_prompts(args.heldout_prompts, "--heldout-prompts")
 
     # ---------------------------------------------------------------------------- generator, rewards, prompts once
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     pipe = load_pipeline(args.backbone, args.backbone_path, args.seed, dtype=dtype).to(device)
     transformer, vae = pipe.transformer, pipe.vae
-    rewards = load_rewards(args.reward, args.reward_weight, transformer, args.reward_t, device, args.backbone == "toy")
+    rewards = align.load_rewards(args.reward, args.reward_weight, transformer, args.reward_t, device, args.backbone == "toy")
     text_len = next((r["text_len"] for r in rewards if r["text_len"]), 8 if args.backbone in ("toy", "tiny") else 77)
-    table = encode_prompt_table(pipe, train_prompts + [p for s in splits.values() for p in s], text_len, device)
+    table = align.encode_prompt_table(pipe, train_prompts + [p for s in splits.values() for p in s], text_len, device)
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # never called again
     oracle = args.backbone == "toy"
     shape = (args.resolution // pipe.vae_scale_factor,) * 2  # the latent's (h, w)
-    params = add_policy_lora(transformer, args.lora_rank, args.lora_alpha, seed=args.seed)
+    params = align.add_policy_lora(transformer, args.lora_rank, args.lora_alpha, seed=args.seed)
     opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     ema = {n: p.detach().clone() for n, p in params.items()}
     shift = pipe.scheduler.config.get("shift", 3.0)  # the generator's own schedule (SD3.5: 3)
     sigmas, eval_sigmas = sd3_sigmas(args.steps, shift), sd3_sigmas(args.eval_steps, shift)
-    neg = embeds(table, [""], device)
+    neg = align.embeds(table, [""], device)
     seeds = dict(train=args.eval_seeds, heldout=args.heldout_seeds)
     step_fn = SDE_STEPS[args.sde_type]
 
-    decode = lambda lat: decode_latents(vae, lat)
+    decode = lambda lat: align.decode_latents(vae, lat)
     weights = torch.tensor(args.reward_weight)[:, None]
 
     def proxy(lat, prompts):  # the evaluation's proxy: the weighted sum of the raw rewards (fixed reward noise)
         keys = [(args.seed, 10 ** 9, i) for i in range(len(lat))]
-        return (weights * score_rewards(rewards, lat, prompts, table, keys, decode).cpu()).sum(0)
+        return (weights * align.score_rewards(rewards, lat, prompts, table, keys, decode).cpu()).sum(0)
 
     def swap_ema():
         for n, p in params.items():
@@ -231,7 +229,7 @@ def main(args):
     def evaluate():
         swap_ema()
         with autocast:
-            rep, imgs = evaluate_policy(transformer, table, splits, seeds, eval_sigmas, args.eval_cfg, proxy,
+            rep, imgs = align.evaluate_policy(transformer, table, splits, seeds, eval_sigmas, args.eval_cfg, proxy,
                                         shape, vae, oracle)
         swap_ema()
         return rep, imgs
@@ -240,7 +238,7 @@ def main(args):
     it, ckpt_path, log_path = 0, os.path.join(args.out, "ckpt.safetensors"), os.path.join(args.out, "log.jsonl")
     history = []
     if args.resume and os.path.isfile(ckpt_path):
-        meta = load_policy_state(ckpt_path, params, ema, opt, device)
+        meta = align.load_policy_state(ckpt_path, params, ema, opt, device)
         it, history = meta["iteration"], meta["history"]
         print0(f"resumed from {ckpt_path} at iteration {it}")
     os.makedirs(args.out, exist_ok=True)
@@ -251,10 +249,10 @@ def main(args):
         rep, before_images = evaluate()
         history = [dict(iter=0, **rep)]
         if rank == 0:
-            data.image_grid([before_images[s][:12] for s in splits]).save(os.path.join(args.out, "before.png"))
+            align.image_grid([before_images[s][:12] for s in splits]).save(os.path.join(args.out, "before.png"))
     print0(f"world {world}: {args.groups} prompts x {args.group_size} images = {n_img} per iteration, {n_local} per rank, "
            f"{args.updates} update(s); {sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
-    print0("before: " + data.describe_eval(history[0]))
+    print0("before: " + align.describe_eval(history[0]))
 
     # ---------------------------------------------------------------------------- the loop
     after_images = None
@@ -272,7 +270,7 @@ def main(args):
             for c in range(0, n_local, args.batch):
                 gens = [seeded(args.seed, it, i) for i in mine[c:c + args.batch]]
                 z = torch.stack([torch.randn(transformer.config.in_channels, *shape, generator=g) for g in gens]).to(device)
-                pe, pooled = embeds(table, prompts[c:c + args.batch], device)
+                pe, pooled = align.embeds(table, prompts[c:c + args.batch], device)
                 out = sample(transformer, z, sigmas, pe, pooled, args.cfg, neg, args.noise_level, sde, gens, args.sde_type)
                 traj.append(out["trajectory"])
                 old_lp.append(out["log_probs"])
@@ -281,7 +279,7 @@ def main(args):
         t1 = time.time()
         with torch.no_grad():
             with autocast:
-                r_local = score_rewards(rewards, lat, prompts, table, [(args.seed, it, i, 7) for i in mine], decode).cpu()
+                r_local = align.score_rewards(rewards, lat, prompts, table, [(args.seed, it, i, 7) for i in mine], decode).cpu()
         if ddp:
             parts = [torch.empty_like(r_local) for _ in range(world)]
             dist.all_gather(parts, r_local.contiguous())
@@ -301,7 +299,7 @@ def main(args):
         for u in range(args.updates):
             for c in range(u * per_update, (u + 1) * per_update, args.batch):
                 rows = slice(c, min(c + args.batch, (u + 1) * per_update))
-                pe, pooled = embeds(table, prompts[rows], device)
+                pe, pooled = align.embeds(table, prompts[rows], device)
                 for j in trained:
                     x, x_next = traj[rows, j], traj[rows, j + 1]
                     with autocast:
@@ -348,7 +346,7 @@ def main(args):
             rep, after_images = evaluate()
             history.append(dict(iter=it, **rep))
             rec["eval"] = {s: {k: v for k, v in r.items() if k != "golden_all"} for s, r in rep.items()}
-            bar.write(f"iter {it}: " + data.describe_eval(history[-1]))
+            bar.write(f"iter {it}: " + align.describe_eval(history[-1]))
         if rank == 0:
             bar.write(f"iter {it} | reward {rec['reward'][0]:.4f} | kl {stats['kl']:.3g} | clipfrac {stats['clipfrac']:.3f} | "
                       f"s: sample {t1 - t0:.1f} reward {t2 - t1:.2f} train {t3 - t2:.1f}")
@@ -356,25 +354,13 @@ def main(args):
                 f.write(json.dumps(rec) + "\n")
             if it % args.ckpt_interval == 0 or it == args.iters:
                 meta = dict(args=vars(args), iteration=it, history=history, world_size=world)
-                save_policy_state(ckpt_path, params, ema, opt, meta)
+                align.save_policy_state(ckpt_path, params, ema, opt, meta)
         bar.update(1)
     bar.close()
     if rank == 0:
-        finish(args, history, after_images, params, ema, transformer)
+        align.finish(args.out, history, after_images, params, ema, transformer, "iterations")
     if ddp:
         dist.barrier()  # a normal exit after a barrier (destroy_process_group can abort under gloo)
-
-
-def finish(args, history, after_images, params, ema, transformer):
-    """summary.json, curves.png, grid.png (data.alignment_report), the EMA LoRA in diffusers' format, the final lines."""
-    log = [json.loads(line) for line in open(os.path.join(args.out, "log.jsonl"))]
-    summary, lines = data.alignment_report(args.out, history, sum(sum(r["seconds"].values()) for r in log), after_images)
-    for n, p in params.items():  # export the EMA weights (what was evaluated)
-        p.data.copy_(ema[n])
-    save_policy_lora(os.path.join(args.out, "lora"), transformer)
-    for line in lines:
-        print0(f"final ({summary['iterations']} iterations, {summary['seconds']:.0f} s of training): {line}")
-    print0(f"aligned LoRA: {os.path.join(args.out, 'lora')} (pipe.load_lora_weights); summary {args.out}/summary.json")
 
 
 if __name__ == "__main__":

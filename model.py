@@ -14,7 +14,8 @@ that outputs one scalar reward. Three published heads are implemented side by si
         layer-normalised, token-pooled middle-to-late layers, softmax layer weights, small MLP.
 
 This file holds: backbone presets and loading (everything through diffusers), DiTTap, the heads,
-RewardModel, the flow-matching math (noising, sigmas) and the losses, and the checkpoint I/O.
+RewardModel, the flow-matching math (noising, sigmas, the sampler: sde_step, cps_step, sample) and the losses, and
+the checkpoint I/O.
 Stages (train_reward.py, eval_reward.py, ...) import from here.
 
 Deviations from the papers / released code (honest notes):
@@ -75,6 +76,68 @@ def check_names(backbone, head):
         raise ValueError(f"unknown head {head!r}; choose one of {list(HEADS)}")
 
 
+def write_word_tokenizer(folder, words=(), max_length=16):
+    """A CLIP BPE tokenizer written locally (tiny/toy only): one token per character, plus BPE merges
+    that make each of `words` one token ("red</w>"), so a toy prompt is ~9 tokens, not ~37 characters.
+    Any other text still tokenizes (character by character). max_length = the CLIP sequence length."""
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in chars:
+            vocab[c + suffix] = len(vocab)
+    merges = []
+    for w in sorted(set(words)):  # left to right: "r e", "re d</w>" -> "red</w>"
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            parts = [parts[0] + parts[1]] + parts[2:]
+            vocab.setdefault(parts[0], len(vocab))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(m + "\n" for m in dict.fromkeys(merges)))
+    from transformers import CLIPTokenizer
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                         unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=max_length)
+
+
+def make_tiny_pipeline(seed=0, size="tiny"):
+    """A random SD3 pipeline with the real architecture at toy scale (two CLIP encoders, no T5).
+    size="tiny" (tests): 4 blocks, width 32, a 4x VAE (32x32 RGB -> 8x8x4 latents), patch 2: 16 image tokens.
+    size="toy" (toy.py trains it): 6 blocks, width 128, a 2x VAE (32x32 -> 16x16x4), patch 2: 64 image tokens.
+    The toy VAE downsamples 2x, not SD3's 8x: at 4x it blurred every edge by about a pixel (the oracle read
+    the shape off only 82% of its reconstructions, vs 97% at 2x), and the reward could not see mild blur."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    tiny = size == "tiny"
+    from toy import TOY_BACKGROUNDS, TOY_COLORS, TOY_SHAPES  # here, not at the top: toy.py imports model
+    words = ["a", "on", "background", *TOY_COLORS, *TOY_SHAPES, *TOY_BACKGROUNDS]  # the toy prompts' words
+    tokenizer = write_word_tokenizer(tempfile.mkdtemp(prefix="toy_tokenizer_"), words)
+    torch.manual_seed(seed)
+    h = 16 if tiny else 32  # CLIP width; prompt_embeds = cat(clip_l, clip_g) padded to joint_attention_dim
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, projection_dim=h, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    width, heads = (32, 2) if tiny else (128, 4)
+    transformer = SD3Transformer2DModel(
+        sample_size=8 if tiny else 16, patch_size=2, in_channels=4, num_layers=4 if tiny else 6,
+        attention_head_dim=width // heads, num_attention_heads=heads, joint_attention_dim=2 * h,
+        caption_projection_dim=width, pooled_projection_dim=2 * h, out_channels=4, pos_embed_max_size=16,
+        dual_attention_layers=(0, 1), qk_norm="rms_norm")  # dual attention + RMS qk-norm: the SD3.5 path
+    ch = (8, 16, 16) if tiny else (32, 32)  # len(ch) - 1 stride-2 downsamplings (toy: 32 at 16x16 too, as good as 64
+    # there and half the VAE's training time: L1 0.020 vs 0.019, the oracle reads 97% of reconstructions either way)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(ch),
+                        up_block_types=("UpDecoderBlock2D",) * len(ch), block_out_channels=ch, layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.0, scaling_factor=1.0)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=clip(), tokenizer=tokenizer, text_encoder_2=clip(), tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None)
+
+
 def resolve_path(backbone, path=None):
     path = path or BACKBONES[backbone]["path"]
     if backbone == "toy" and path == BACKBONES["toy"]["path"] and not os.path.isdir(path):
@@ -86,7 +149,6 @@ def load_pipeline(backbone, path=None, seed=0, with_transformer=True, dtype=torc
     """The diffusers pipeline (VAE + text encoders [+ transformer]). Used for encoding the cache."""
     check_names(backbone, "dina")
     if backbone == "tiny" and path is None:
-        from toy import make_tiny_pipeline  # the tiny/toy SD3 architecture is built by the toy world's file
         return make_tiny_pipeline(seed)
     from diffusers import StableDiffusion3Pipeline
     path = resolve_path(backbone, path)
@@ -100,7 +162,6 @@ def load_transformer(backbone, path=None, seed=0, dtype=torch.float32, random_in
     """The SD3Transformer2DModel only (no VAE, no text encoders: training reads the cache).
     random_init: the same architecture with fresh weights seeded by `seed` (the papers' ablation)."""
     if backbone == "tiny" and path is None:
-        from toy import make_tiny_pipeline
         return make_tiny_pipeline(seed).transformer  # float32, as the tests want
     from diffusers import SD3Transformer2DModel
     path = resolve_path(backbone, path)
@@ -519,170 +580,6 @@ def seeded(*keys):
     for k in keys:
         s = (s * 1_000_003 + int(k) + 1) % 2 ** 63
     return torch.Generator().manual_seed(s)
-
-# -----------------------------------------------------------------------------
-# The generator as a policy (alignment stages): encode prompts once, LoRA on its transformer, the reward beside it
-
-
-@torch.no_grad()
-def encode_prompt_table(pipe, prompts, max_text_len, device="cpu"):
-    """Every distinct prompt (and the empty one, CFG's negative) through the pipeline's text encoders, once per run:
-    -> {prompt: (prompt_embeds (L, D), pooled (P,))}. The generator and the latent reward read these same embeddings."""
-    names = sorted(set(prompts) | {""})
-    table = {}
-    for i in range(0, len(names), 64):
-        chunk = names[i:i + 64]
-        pe, _, pooled, _ = pipe.encode_prompt(chunk, chunk, chunk, device=device, do_classifier_free_guidance=False,
-                                              max_sequence_length=max_text_len)
-        table.update({p: (e.float().cpu(), q.float().cpu()) for p, e, q in zip(chunk, pe, pooled)})
-    return table
-
-
-def embeds(table, prompts, device="cpu"):
-    """-> (prompt_embeds (B, L, D), pooled (B, P)) of a list of prompts from encode_prompt_table's table."""
-    return tuple(torch.stack([table[p][j] for p in prompts]).to(device) for j in (0, 1))
-
-
-POLICY_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # Flow-GRPO's LoRA targets on SD3.5 (attention projections)
-
-
-def add_policy_lora(transformer, rank=32, alpha=64, targets=POLICY_TARGETS, seed=0):
-    """LoRA on the generator (diffusers' add_adapter; B = 0, so the policy starts as the base model). Only the LoRA
-    weights train. -> {name: parameter} of them. The KL reference is the same network with the adapter disabled."""
-    from peft import LoraConfig
-    torch.manual_seed(seed)
-    transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian"))
-    params = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
-    for p in params.values():
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    return params
-
-
-def save_policy_lora(folder, transformer):
-    """The policy's LoRA (as the transformer holds it now) in diffusers' format, with its alpha in the metadata:
-    StableDiffusion3Pipeline.from_pretrained(base).load_lora_weights(folder) gives the aligned generator."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft.utils import get_peft_model_state_dict
-    state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(folder)) or ".", prefix=".lora_tmp_")
-    StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=state,
-                                               transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
-    os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    os.rmdir(tmp)
-
-
-def save_policy_state(path, params, ema, opt, meta):
-    """An alignment stage's checkpoint: the LoRA weights, their EMA and AdamW's state (safetensors) + meta (JSON header)."""
-    tensors = {f"lora.{n}": p for n, p in params.items()} | {f"ema.{n}": e for n, e in ema.items()}
-    for n, p in params.items():
-        for k, v in opt.state.get(p, {}).items():
-            tensors[f"optim.{n}.{k}"] = v
-    save_checkpoint(path, tensors, meta)
-
-
-def load_policy_state(path, params, ema, opt, device="cpu"):
-    """The inverse of save_policy_state, in place -> meta."""
-    tensors, meta = load_checkpoint(path)
-    for n, p in params.items():
-        p.data.copy_(tensors[f"lora.{n}"])
-        ema[n].copy_(tensors[f"ema.{n}"])
-        if f"optim.{n}.exp_avg" in tensors:
-            opt.state[p] = {k: tensors[f"optim.{n}.{k}"].to("cpu" if k == "step" else device)
-                            for k in ("step", "exp_avg", "exp_avg_sq")}
-    return meta
-
-
-def load_rewards(paths, weights, transformer, t=None, device="cpu", oracle_ok=False):
-    """The alignment stages' frozen rewards: train_reward.py checkpoints (EMA weights) checked against the generator they
-    judge (its latent channels and prompt-embedding widths), or "oracle" (the toy's golden oracle, decoded; the ceiling).
-    -> [dict(name, model (None: oracle), t: the noise level it reads (its checkpoint's t_eval unless t), weight,
-    text_len)]."""
-    out = []
-    for path, w in zip(paths, weights):
-        if path == "oracle":
-            if not oracle_ok:
-                raise ValueError("--reward oracle is the toy world's golden oracle; it needs --backbone toy")
-            out.append(dict(name=path, model=None, t=None, weight=w, text_len=None))
-            continue
-        reward, meta = load_reward_model(path if path.endswith(".safetensors") else os.path.join(path, "ckpt.safetensors"))
-        mine, gen = reward.tap.config, transformer.config
-        for key in ("in_channels", "joint_attention_dim", "pooled_projection_dim"):
-            if getattr(mine, key) != getattr(gen, key):
-                raise ValueError(f"{path}: the reward's backbone has {key}={getattr(mine, key)} but the generator has "
-                                 f"{getattr(gen, key)}; train the reward on this generator's backbone")
-        a = meta["args"]
-        out.append(dict(name=path, model=reward.requires_grad_(False).to(device), t=a["t_eval"] if t is None else t,
-                        weight=w, text_len=a["max_text_len"]))
-    lens = {r["text_len"] for r in out} - {None}
-    if len(lens) > 1:
-        raise ValueError(f"the rewards read prompts of different lengths {sorted(lens)}; they must share the embeddings")
-    return out
-
-
-def score_rewards(rewards, lat, prompts, table, keys, decode=None):
-    """(R, B) float32 rewards of latents (B,C,h,w) from each reward; image b's re-noising noise is seeded by keys[b]
-    (a tuple of ints), so a score never depends on the batch. Gradients flow to lat unless called under no_grad (ReFL).
-    The oracle decodes (decode: latents -> PIL) and scores the images: no gradient."""
-    out = []
-    for r in rewards:
-        if r["model"] is None:
-            import toy
-            golden = toy.toy_golden_score(decode(lat.detach()), prompts)
-            out.append(torch.tensor(golden, dtype=torch.float32, device=lat.device))
-            continue
-        eps = torch.stack([torch.randn(lat.shape[1:], generator=seeded(*k)) for k in keys]).to(lat.device)
-        pe, pooled = embeds(table, prompts, lat.device)
-        out.append(r["model"].score(lat, pe, pooled, t=r["t"], noise=eps).float())
-    return torch.stack(out)
-
-
-@torch.no_grad()
-def decode_latents(vae, z):
-    """Normalised latents (B,C,h,w) -> PIL images through the VAE (evaluation and the toy oracle only)."""
-    from PIL import Image
-    x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in x]
-
-
-@torch.no_grad()
-def evaluate_policy(transformer, table, splits, seeds, sigmas, cfg, reward_fn, shape, vae=None, oracle=False, batch=64):
-    """The alignment stages' evaluation (DESIGN.md section 10): ODE samples of fixed prompts and seeds (image k of a
-    prompt always starts from the noise seeded(4242, k, its index in the split)); the proxy reward; on the toy the
-    golden oracle on the decoded images and its prompt-match rates. splits {name: prompts}, seeds {name: images per
-    prompt}; reward_fn(latents, prompts)
-    -> (B,); shape: the latent's (h, w).
-    -> {name: dict(reward, golden, color, shape, background, golden_all)}, {name: first-seed PIL images}."""
-    dev = next(transformer.parameters()).device
-    report, images = {}, {}
-    for name, prompts in splits.items():
-        items = [(p, i, k) for k in range(seeds[name]) for i, p in enumerate(prompts)]
-        z, r = [], []
-        for c in range(0, len(items), batch):
-            chunk = items[c:c + batch]
-            noise = torch.stack([torch.randn(transformer.config.in_channels, *shape, generator=seeded(4242, k, i))
-                                 for _, i, k in chunk]).to(dev)
-            pe, pooled = embeds(table, [p for p, _, _ in chunk], dev)
-            lat = sample(transformer, noise, sigmas, pe, pooled, cfg, embeds(table, [""], dev))["latents"]
-            r.append(reward_fn(lat, [p for p, _, _ in chunk]).float().cpu())
-            z.append(lat.cpu())
-        z = torch.cat(z)
-        report[name] = dict(reward=torch.cat(r).mean().item())
-        if vae is not None:
-            pil = [im for c in range(0, len(z), batch) for im in decode_latents(vae, z[c:c + batch].to(dev))]
-            images[name] = pil[:len(prompts)]
-        if oracle:
-            import toy
-            golden = toy.toy_golden_score(pil, [p for p, _, _ in items])
-            stats = toy.match_stats(pil, [p for p, _, _ in items])
-            report[name].update(golden=float(golden.mean()), golden_all=golden.tolist(),
-                                **{k: stats[k] for k in ("color", "shape", "background", "match")})
-    return report, images
-
 
 # -----------------------------------------------------------------------------
 # Losses (DESIGN.md section 5); r_pos, r_neg (B,) rewards of the preferred / other image

@@ -29,10 +29,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import align
 import data
-from model import (add_policy_lora, embeds, encode_prompt_table, evaluate_policy, load_pipeline,
-                   load_policy_state, load_rewards, sample, save_policy_lora, save_policy_state, score_rewards, sd3_sigmas,
-                   seeded, velocity, x0_hat)
+from model import load_pipeline, sample, sd3_sigmas, seeded, velocity, x0_hat
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--backbone", default="toy", help="the generator: tiny | toy | sd35m | sd35l")
@@ -145,7 +144,7 @@ def real_latents(args, pipe, table, prompts, device):
     with torch.no_grad():
         z = pipe.vae.encode(toy.to_tensor(images).to(device, pipe.vae.dtype)).latent_dist.mean
     lat = (z.float() - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
-    return (lat.cpu(), *embeds(table, names))
+    return (lat.cpu(), *align.embeds(table, names))
 
 
 def print0(*a):
@@ -165,33 +164,33 @@ def main(args):
     if args.batch % (micro * world):
         raise ValueError(f"--batch {args.batch} is not a multiple of --micro-batch {micro} x {world} rank(s)")
     n_local = args.batch // world
-    train_prompts = data.read_prompts(args.prompts, "--prompts")
-    splits = {"train": data.read_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else train_prompts[:32]}
+    train_prompts = align.read_prompts(args.prompts, "--prompts")
+    splits = {"train": align.read_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else train_prompts[:32]}
     if args.heldout_prompts:
-        splits["heldout"] = data.read_prompts(args.heldout_prompts, "--heldout-prompts")
+        splits["heldout"] = align.read_prompts(args.heldout_prompts, "--heldout-prompts")
 
     # ---------------------------------------------------------------------------- generator, rewards, prompts once
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     pipe = load_pipeline(args.backbone, args.backbone_path, args.seed, dtype=dtype).to(device)
     transformer, vae = pipe.transformer, pipe.vae
-    rewards = load_rewards(args.reward, args.reward_weight, transformer, args.reward_t, device)
+    rewards = align.load_rewards(args.reward, args.reward_weight, transformer, args.reward_t, device)
     text_len = next(r["text_len"] for r in rewards)
-    table = encode_prompt_table(pipe, train_prompts + [p for s in splits.values() for p in s], text_len, device)
+    table = align.encode_prompt_table(pipe, train_prompts + [p for s in splits.values() for p in s], text_len, device)
     fm = real_latents(args, pipe, table, train_prompts, device) if args.fm_weight > 0 else None
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # never called again
     shape = (args.resolution // pipe.vae_scale_factor,) * 2  # the latent's (h, w)
-    params = add_policy_lora(transformer, args.lora_rank, args.lora_alpha, seed=args.seed)
+    params = align.add_policy_lora(transformer, args.lora_rank, args.lora_alpha, seed=args.seed)
     opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     ema = {n: p.detach().clone() for n, p in params.items()}
     shift = pipe.scheduler.config.get("shift", 3.0)  # the generator's own schedule (SD3.5: 3)
     sigmas, eval_sigmas = sd3_sigmas(args.steps, shift), sd3_sigmas(args.eval_steps, shift)
-    neg = embeds(table, [""], device)
+    neg = align.embeds(table, [""], device)
     seeds = dict(train=args.eval_seeds, heldout=args.heldout_seeds)
     weights = torch.tensor(args.reward_weight, device=device)[:, None]
 
     def proxy(lat, prompts):  # the evaluation's proxy: the weighted sum of the rewards (fixed reward noise)
         keys = [(args.seed, 10 ** 9, i) for i in range(len(lat))]
-        return (weights * score_rewards(rewards, lat, prompts, table, keys)).sum(0)
+        return (weights * align.score_rewards(rewards, lat, prompts, table, keys)).sum(0)
 
     def swap_ema():
         for n, p in params.items():
@@ -202,7 +201,7 @@ def main(args):
     def evaluate():
         swap_ema()
         with autocast:
-            rep, imgs = evaluate_policy(transformer, table, splits, seeds, eval_sigmas, args.eval_cfg, proxy,
+            rep, imgs = align.evaluate_policy(transformer, table, splits, seeds, eval_sigmas, args.eval_cfg, proxy,
                                         shape, vae, args.backbone == "toy")
         swap_ema()
         return rep, imgs
@@ -211,7 +210,7 @@ def main(args):
     it, ckpt_path, log_path = 0, os.path.join(args.out, "ckpt.safetensors"), os.path.join(args.out, "log.jsonl")
     history, best = [], None
     if args.resume and os.path.isfile(ckpt_path):
-        meta = load_policy_state(ckpt_path, params, ema, opt, device)
+        meta = align.load_policy_state(ckpt_path, params, ema, opt, device)
         it, history = meta["iteration"], meta["history"]
         print0(f"resumed from {ckpt_path} at step {it}")
     os.makedirs(args.out, exist_ok=True)
@@ -222,10 +221,10 @@ def main(args):
         rep, before_images = evaluate()
         history = [dict(iter=0, **rep)]
         if rank == 0:
-            data.image_grid([before_images[s][:12] for s in splits]).save(os.path.join(args.out, "before.png"))
+            align.image_grid([before_images[s][:12] for s in splits]).save(os.path.join(args.out, "before.png"))
     print0(f"world {world}: {args.batch} images per step = micro {micro} x {n_local // micro} x {world} rank(s); "
            f"{sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
-    print0("before: " + data.describe_eval(history[0]))
+    print0("before: " + align.describe_eval(history[0]))
 
     # ---------------------------------------------------------------------------- the loop
     after_images, stale = None, 0
@@ -240,14 +239,14 @@ def main(args):
         for c in range(0, n_local, micro):
             rows = mine[c:c + micro]
             prompts = [train_prompts[order[i]] for i in rows]
-            pe, pooled = embeds(table, prompts, device)
+            pe, pooled = align.embeds(table, prompts, device)
             z = torch.stack([torch.randn(transformer.config.in_channels, *shape, generator=seeded(args.seed, it, i))
                              for i in rows]).to(device)
             with torch.no_grad(), autocast:  # the ODE with CFG down to step mid, no gradient
                 x = sample(transformer, z, sigmas[:mid + 1], pe, pooled, args.cfg, neg)["latents"]
             with autocast:
                 v = velocity(transformer, x, sigmas[mid], pe, pooled)  # one conditional step with gradient
-                r = (weights * score_rewards(rewards, x0_hat(x, float(sigmas[mid]), v), prompts, table,
+                r = (weights * align.score_rewards(rewards, x0_hat(x, float(sigmas[mid]), v), prompts, table,
                                              [(args.seed, it, i, 7) for i in rows])).sum(0)
                 loss = refl_loss(r, args.target, args.loss)
                 if fm is not None:
@@ -282,7 +281,7 @@ def main(args):
             rep, after_images = evaluate()
             history.append(dict(iter=it, **rep))
             rec["eval"] = {s: {k: v for k, v in r.items() if k != "golden_all"} for s, r in rep.items()}
-            bar.write(f"step {it}: " + data.describe_eval(history[-1]))
+            bar.write(f"step {it}: " + align.describe_eval(history[-1]))
             score = rep.get("heldout", rep["train"])["reward"]
             if best is None or score > best[0]:
                 best, stale = (score, {n: e.clone() for n, e in ema.items()}, after_images, len(history)), 0
@@ -295,7 +294,7 @@ def main(args):
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if it % args.ckpt_interval == 0 or it == args.iters:
-                save_policy_state(ckpt_path, params, ema, opt, dict(args=vars(args), iteration=it, history=history))
+                align.save_policy_state(ckpt_path, params, ema, opt, dict(args=vars(args), iteration=it, history=history))
         bar.update(1)
         if args.early_stop and stale >= args.early_stop:
             print0(f"early stop at step {it}: the held-out proxy has not risen for {stale} evaluations; "
@@ -304,21 +303,9 @@ def main(args):
             break
     bar.close()
     if rank == 0:
-        finish(args, history, after_images, params, ema, transformer)
+        align.finish(args.out, history, after_images, params, ema, transformer, "steps")
     if ddp:
         dist.barrier()  # a normal exit after a barrier (destroy_process_group can abort under gloo)
-
-
-def finish(args, history, after_images, params, ema, transformer):
-    """summary.json, curves.png, grid.png (data.alignment_report), the EMA LoRA in diffusers' format, the final lines."""
-    log = [json.loads(line) for line in open(os.path.join(args.out, "log.jsonl"))]
-    summary, lines = data.alignment_report(args.out, history, sum(sum(r["seconds"].values()) for r in log), after_images)
-    for n, p in params.items():  # export the EMA weights (what was evaluated)
-        p.data.copy_(ema[n])
-    save_policy_lora(os.path.join(args.out, "lora"), transformer)
-    for line in lines:
-        print0(f"final ({summary['iterations']} steps, {summary['seconds']:.0f} s of training): {line}")
-    print0(f"aligned LoRA: {os.path.join(args.out, 'lora')} (pipe.load_lora_weights); summary {args.out}/summary.json")
 
 
 if __name__ == "__main__":

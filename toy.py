@@ -46,7 +46,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -55,6 +54,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+from model import make_tiny_pipeline
 
 
 # ----------------------------------------------------------------------------- the world: prompts, renderer, corruptions, oracle, annotators
@@ -238,71 +239,6 @@ parser.add_argument("--bothbad", type=float, default=0.5, help="GenAI-Bench: bot
 parser.add_argument("--n-bench", type=int, default=300, help="pairs in each pairwise benchmark")
 SMALL = dict(renders_per_prompt=4, train_pools=1, vae_steps=3, vae_batch=8, gen_steps=3, gen_batch=8, warmup=1, sample_steps=2,
              gen_per_prompt=1, train_gen_per_prompt=1, onpolicy_per_prompt=2, bench_per_prompt=2, train_wrong=1, n_train_pairs=200, n_test_pairs=60, test_train_prompts=2, n_bench=20)
-
-# -----------------------------------------------------------------------------
-# The tiny SD3 architecture (the toy generator; `tiny` for tests), built with diffusers' own classes
-
-
-def write_word_tokenizer(folder, words=(), max_length=16):
-    """A CLIP BPE tokenizer written locally (tiny/toy only): one token per character, plus BPE merges
-    that make each of `words` one token ("red</w>"), so a toy prompt is ~9 tokens, not ~37 characters.
-    Any other text still tokenizes (character by character). max_length = the CLIP sequence length."""
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in chars:
-            vocab[c + suffix] = len(vocab)
-    merges = []
-    for w in sorted(set(words)):  # left to right: "r e", "re d</w>" -> "red</w>"
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            parts = [parts[0] + parts[1]] + parts[2:]
-            vocab.setdefault(parts[0], len(vocab))
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(m + "\n" for m in dict.fromkeys(merges)))
-    from transformers import CLIPTokenizer
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                         unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=max_length)
-
-
-def make_tiny_pipeline(seed=0, size="tiny"):
-    """A random SD3 pipeline with the real architecture at toy scale (two CLIP encoders, no T5).
-    size="tiny" (tests): 4 blocks, width 32, a 4x VAE (32x32 RGB -> 8x8x4 latents), patch 2: 16 image tokens.
-    size="toy" (toy.py trains it): 6 blocks, width 128, a 2x VAE (32x32 -> 16x16x4), patch 2: 64 image tokens.
-    The toy VAE downsamples 2x, not SD3's 8x: at 4x it blurred every edge by about a pixel (the oracle read
-    the shape off only 82% of its reconstructions, vs 97% at 2x), and the reward could not see mild blur."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-    tiny = size == "tiny"
-    words = ["a", "on", "background", *TOY_COLORS, *TOY_SHAPES, *TOY_BACKGROUNDS]  # the toy prompts' words
-    tokenizer = write_word_tokenizer(tempfile.mkdtemp(prefix="toy_tokenizer_"), words)
-    torch.manual_seed(seed)
-    h = 16 if tiny else 32  # CLIP width; prompt_embeds = cat(clip_l, clip_g) padded to joint_attention_dim
-
-    def clip():
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, projection_dim=h, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    width, heads = (32, 2) if tiny else (128, 4)
-    transformer = SD3Transformer2DModel(
-        sample_size=8 if tiny else 16, patch_size=2, in_channels=4, num_layers=4 if tiny else 6,
-        attention_head_dim=width // heads, num_attention_heads=heads, joint_attention_dim=2 * h,
-        caption_projection_dim=width, pooled_projection_dim=2 * h, out_channels=4, pos_embed_max_size=16,
-        dual_attention_layers=(0, 1), qk_norm="rms_norm")  # dual attention + RMS qk-norm: the SD3.5 path
-    ch = (8, 16, 16) if tiny else (32, 32)  # len(ch) - 1 stride-2 downsamplings (toy: 32 at 16x16 too, as good as 64
-    # there and half the VAE's training time: L1 0.020 vs 0.019, the oracle reads 97% of reconstructions either way)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(ch),
-                        up_block_types=("UpDecoderBlock2D",) * len(ch), block_out_channels=ch, layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.0, scaling_factor=1.0)
-    return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=clip(), tokenizer=tokenizer, text_encoder_2=clip(), tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None)
-
 
 # -----------------------------------------------------------------------------
 # Pure helpers

@@ -13,10 +13,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
 import toy  # noqa: E402
-from model import (decode_latents, embeds, encode_prompt_table, load_pipeline, load_rewards, make_encoders, sample,  # noqa: E402
-                   score_rewards, sd3_sigmas, seeded)
+from align import decode_latents, embeds, encode_prompt_table, load_rewards, read_prompts, score_rewards  # noqa: E402
+from model import load_pipeline, make_encoders, sample, sd3_sigmas, seeded  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("lora", help="an alignment stage's <out>/lora folder")
@@ -29,7 +28,7 @@ parser.add_argument("--steps", type=int, default=10)
 @torch.no_grad()
 def main(args):
     pipe = load_pipeline("toy")
-    prompts = data.read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts)
     rewards = load_rewards([args.reward], [1.0], pipe.transformer)
     table = encode_prompt_table(pipe, prompts, rewards[0]["text_len"])
     encode, _ = make_encoders(pipe, "cpu", rewards[0]["text_len"])

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import align
 import grpo
 import model
 import refl
-from model import build_reward_model, cps_step, sample, save_checkpoint, sd3_sigmas, sde_step, trainable_state
-from toy import make_tiny_pipeline
+from model import (build_reward_model, cps_step, make_tiny_pipeline, sample, save_checkpoint, sd3_sigmas, sde_step,
+                   trainable_state)
 from toy import toy_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +171,7 @@ def test_grpo_first_ratio_is_one_kl_zero_and_lora_export(world, tmp_path, capsys
     got = pipe(prompt_embeds=pe, pooled_prompt_embeds=pooled, latents=z.clone(), num_inference_steps=3,
                guidance_scale=1.0, output_type="latent", height=32, width=32).images
     policy = make_tiny_pipeline(0).transformer
-    params = model.add_policy_lora(policy, 8, 16)  # the toy/tiny defaults
+    params = align.add_policy_lora(policy, 8, 16)  # the toy/tiny defaults
     tensors, _ = model.load_checkpoint(str(out / "ckpt.safetensors"))
     for n, p in params.items():
         p.data.copy_(tensors[f"ema.{n}"])
@@ -216,9 +217,8 @@ def test_no_decode_or_text_encoding_in_the_loop(world, tmp_path, monkeypatch):
     monkeypatch.setattr(AutoencoderKL, "decode", guard(AutoencoderKL.decode))
     monkeypatch.setattr(AutoencoderKL, "encode", guard(AutoencoderKL.encode))
     monkeypatch.setattr(CLIPTextModelWithProjection, "forward", guard(CLIPTextModelWithProjection.forward))
-    for stage in (grpo, refl):
-        monkeypatch.setattr(stage, "evaluate_policy", allow(stage.evaluate_policy))
-        monkeypatch.setattr(stage, "encode_prompt_table", allow(stage.encode_prompt_table, "encode"))
+    monkeypatch.setattr(align, "evaluate_policy", allow(align.evaluate_policy))  # both stages call them through align
+    monkeypatch.setattr(align, "encode_prompt_table", allow(align.encode_prompt_table, "encode"))
     grpo.main(grpo_args(world, tmp_path / "g"))
     refl.main(refl_args(world, tmp_path / "r"))
     assert calls["encode"] == 2  # once per run
@@ -312,8 +312,8 @@ def test_bad_input(world, tmp_path, monkeypatch):
                                   num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
                                   pooled_projection_dim=32, out_channels=16)
     with pytest.raises(ValueError, match="in_channels=4 but the generator has 16"):
-        model.load_rewards([str(world / "reward")], [1.0], other)
+        align.load_rewards([str(world / "reward")], [1.0], other)
     # a non-finite reward stops with the iteration and the prompt
-    monkeypatch.setattr(grpo, "score_rewards", lambda *a, **k: torch.full((1, len(a[1])), float("nan")))
+    monkeypatch.setattr(align, "score_rewards", lambda *a, **k: torch.full((1, len(a[1])), float("nan")))
     with pytest.raises(FloatingPointError, match="iteration 0: non-finite reward for prompt 'a "):
         grpo.main(grpo_args(world, tmp_path / "b"))

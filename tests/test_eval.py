@@ -211,7 +211,7 @@ def test_bad_input(world, tmp_path):
 def test_toy_default_benchmarks(world, tmp_path, monkeypatch, capsys):
     """A `toy`-backbone checkpoint with no --bench evaluates the six toy benchmark files of out/toy (paths
     relative to out/toy), its encoders loaded from the saved diffusers folder without the transformer."""
-    from toy import make_tiny_pipeline
+    from model import make_tiny_pipeline
     monkeypatch.chdir(tmp_path)
     toy = tmp_path / "out/toy"
     make_tiny_pipeline(0, size="toy").save_pretrained(str(toy / "pipeline"))

@@ -16,9 +16,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model  # noqa: E402
 from model import (BACKBONES, LORA_TARGETS, DiTTap, add_noise, build_reward_model, bt_loss,  # noqa: E402
-                   check_names, load_checkpoint, load_reward_model, load_transformer, sample_t,
+                   check_names, load_checkpoint, load_reward_model, load_transformer, make_tiny_pipeline, sample_t,
                    save_checkpoint, sd3_sigmas, shift_t, thurstone_loss, trainable_state)
-from toy import make_tiny_pipeline  # noqa: E402
 
 PROMPTS = ["a red cat", "two blue dogs"]
 

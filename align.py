@@ -1,0 +1,271 @@
+"""
+What the alignment stages share (grpo.py, refl.py; step_grpo.py and sample_stepwise.py next): the generator as a policy
+(prompts encoded once, LoRA on its transformer and its export in diffusers' format, the checkpoint of a run), the frozen
+rewards beside it (train_reward.py checkpoints checked against the generator, or the toy's golden oracle), the fixed
+evaluation, and the files a run writes (summary.json, curves.png, grid.png, the final lines).
+
+The math (sde_step, cps_step, sample) lives in model.py; this file holds the plumbing the stages would otherwise copy.
+"""
+import json
+import os
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data import save_curves
+from model import load_checkpoint, load_reward_model, sample, save_checkpoint, seeded
+
+# -----------------------------------------------------------------------------
+# The generator as a policy: encode prompts once, LoRA on its transformer, the rewards beside it
+
+
+
+@torch.no_grad()
+def encode_prompt_table(pipe, prompts, max_text_len, device="cpu"):
+    """Every distinct prompt (and the empty one, CFG's negative) through the pipeline's text encoders, once per run:
+    -> {prompt: (prompt_embeds (L, D), pooled (P,))}. The generator and the latent reward read these same embeddings."""
+    names = sorted(set(prompts) | {""})
+    table = {}
+    for i in range(0, len(names), 64):
+        chunk = names[i:i + 64]
+        pe, _, pooled, _ = pipe.encode_prompt(chunk, chunk, chunk, device=device, do_classifier_free_guidance=False,
+                                              max_sequence_length=max_text_len)
+        table.update({p: (e.float().cpu(), q.float().cpu()) for p, e, q in zip(chunk, pe, pooled)})
+    return table
+
+
+def embeds(table, prompts, device="cpu"):
+    """-> (prompt_embeds (B, L, D), pooled (B, P)) of a list of prompts from encode_prompt_table's table."""
+    return tuple(torch.stack([table[p][j] for p in prompts]).to(device) for j in (0, 1))
+
+
+POLICY_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # Flow-GRPO's LoRA targets on SD3.5 (attention projections)
+
+
+def add_policy_lora(transformer, rank=32, alpha=64, targets=POLICY_TARGETS, seed=0):
+    """LoRA on the generator (diffusers' add_adapter; B = 0, so the policy starts as the base model). Only the LoRA
+    weights train. -> {name: parameter} of them. The KL reference is the same network with the adapter disabled."""
+    from peft import LoraConfig
+    torch.manual_seed(seed)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian"))
+    params = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
+    for p in params.values():
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def save_policy_lora(folder, transformer):
+    """The policy's LoRA (as the transformer holds it now) in diffusers' format, with its alpha in the metadata:
+    StableDiffusion3Pipeline.from_pretrained(base).load_lora_weights(folder) gives the aligned generator."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+    state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(folder)) or ".", prefix=".lora_tmp_")
+    StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=state,
+                                               transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    os.rmdir(tmp)
+
+
+def save_policy_state(path, params, ema, opt, meta):
+    """An alignment stage's checkpoint: the LoRA weights, their EMA and AdamW's state (safetensors) + meta (JSON header)."""
+    tensors = {f"lora.{n}": p for n, p in params.items()} | {f"ema.{n}": e for n, e in ema.items()}
+    for n, p in params.items():
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"optim.{n}.{k}"] = v
+    save_checkpoint(path, tensors, meta)
+
+
+def load_policy_state(path, params, ema, opt, device="cpu"):
+    """The inverse of save_policy_state, in place -> meta."""
+    tensors, meta = load_checkpoint(path)
+    for n, p in params.items():
+        p.data.copy_(tensors[f"lora.{n}"])
+        ema[n].copy_(tensors[f"ema.{n}"])
+        if f"optim.{n}.exp_avg" in tensors:
+            opt.state[p] = {k: tensors[f"optim.{n}.{k}"].to("cpu" if k == "step" else device)
+                            for k in ("step", "exp_avg", "exp_avg_sq")}
+    return meta
+
+
+def load_rewards(paths, weights, transformer, t=None, device="cpu", oracle_ok=False):
+    """The alignment stages' frozen rewards: train_reward.py checkpoints (EMA weights) checked against the generator they
+    judge (its latent channels and prompt-embedding widths), or "oracle" (the toy's golden oracle, decoded; the ceiling).
+    -> [dict(name, model (None: oracle), t: the noise level it reads (its checkpoint's t_eval unless t), weight,
+    text_len)]."""
+    out = []
+    for path, w in zip(paths, weights):
+        if path == "oracle":
+            if not oracle_ok:
+                raise ValueError("--reward oracle is the toy world's golden oracle; it needs --backbone toy")
+            out.append(dict(name=path, model=None, t=None, weight=w, text_len=None))
+            continue
+        reward, meta = load_reward_model(path if path.endswith(".safetensors") else os.path.join(path, "ckpt.safetensors"))
+        mine, gen = reward.tap.config, transformer.config
+        for key in ("in_channels", "joint_attention_dim", "pooled_projection_dim"):
+            if getattr(mine, key) != getattr(gen, key):
+                raise ValueError(f"{path}: the reward's backbone has {key}={getattr(mine, key)} but the generator has "
+                                 f"{getattr(gen, key)}; train the reward on this generator's backbone")
+        a = meta["args"]
+        out.append(dict(name=path, model=reward.requires_grad_(False).to(device), t=a["t_eval"] if t is None else t,
+                        weight=w, text_len=a["max_text_len"]))
+    lens = {r["text_len"] for r in out} - {None}
+    if len(lens) > 1:
+        raise ValueError(f"the rewards read prompts of different lengths {sorted(lens)}; they must share the embeddings")
+    return out
+
+
+def score_rewards(rewards, lat, prompts, table, keys, decode=None):
+    """(R, B) float32 rewards of latents (B,C,h,w) from each reward; image b's re-noising noise is seeded by keys[b]
+    (a tuple of ints), so a score never depends on the batch. Gradients flow to lat unless called under no_grad (ReFL).
+    The oracle decodes (decode: latents -> PIL) and scores the images: no gradient."""
+    out = []
+    for r in rewards:
+        if r["model"] is None:
+            import toy
+            golden = toy.toy_golden_score(decode(lat.detach()), prompts)
+            out.append(torch.tensor(golden, dtype=torch.float32, device=lat.device))
+            continue
+        eps = torch.stack([torch.randn(lat.shape[1:], generator=seeded(*k)) for k in keys]).to(lat.device)
+        pe, pooled = embeds(table, prompts, lat.device)
+        out.append(r["model"].score(lat, pe, pooled, t=r["t"], noise=eps).float())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def decode_latents(vae, z):
+    """Normalised latents (B,C,h,w) -> PIL images through the VAE (evaluation and the toy oracle only)."""
+    from PIL import Image
+    x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in x]
+
+
+@torch.no_grad()
+def evaluate_policy(transformer, table, splits, seeds, sigmas, cfg, reward_fn, shape, vae=None, oracle=False, batch=64):
+    """The alignment stages' evaluation (DESIGN.md section 10): ODE samples of fixed prompts and seeds (image k of a
+    prompt always starts from the noise seeded(4242, k, its index in the split)); the proxy reward; on the toy the
+    golden oracle on the decoded images and its prompt-match rates. splits {name: prompts}, seeds {name: images per
+    prompt}; reward_fn(latents, prompts)
+    -> (B,); shape: the latent's (h, w).
+    -> {name: dict(reward, golden, color, shape, background, golden_all)}, {name: first-seed PIL images}."""
+    dev = next(transformer.parameters()).device
+    report, images = {}, {}
+    for name, prompts in splits.items():
+        items = [(p, i, k) for k in range(seeds[name]) for i, p in enumerate(prompts)]
+        z, r = [], []
+        for c in range(0, len(items), batch):
+            chunk = items[c:c + batch]
+            noise = torch.stack([torch.randn(transformer.config.in_channels, *shape, generator=seeded(4242, k, i))
+                                 for _, i, k in chunk]).to(dev)
+            pe, pooled = embeds(table, [p for p, _, _ in chunk], dev)
+            lat = sample(transformer, noise, sigmas, pe, pooled, cfg, embeds(table, [""], dev))["latents"]
+            r.append(reward_fn(lat, [p for p, _, _ in chunk]).float().cpu())
+            z.append(lat.cpu())
+        z = torch.cat(z)
+        report[name] = dict(reward=torch.cat(r).mean().item())
+        if vae is not None:
+            pil = [im for c in range(0, len(z), batch) for im in decode_latents(vae, z[c:c + batch].to(dev))]
+            images[name] = pil[:len(prompts)]
+        if oracle:
+            import toy
+            golden = toy.toy_golden_score(pil, [p for p, _, _ in items])
+            stats = toy.match_stats(pil, [p for p, _, _ in items])
+            report[name].update(golden=float(golden.mean()), golden_all=golden.tolist(),
+                                **{k: stats[k] for k in ("color", "shape", "background", "match")})
+    return report, images
+
+# -----------------------------------------------------------------------------
+# The files of a run: prompt lists, summary.json, curves, grids
+
+
+def read_prompts(path, flag="--prompts"):
+    """A prompts file, one prompt per line (blank lines skipped) -> list[str]; a missing or empty file is an error."""
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path}: no such prompts file (one prompt per line)")
+    prompts = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
+    if not prompts:
+        raise ValueError(f"{flag} {path}: the prompts file is empty")
+    return prompts
+
+
+def image_grid(rows, cell=96, labels=()):
+    """rows: lists of PIL images (e.g. the same prompts and seeds before / after) -> one PIL grid, a label per row."""
+    from PIL import ImageDraw
+    pad = 90 if labels else 0
+    grid = Image.new("RGB", (pad + cell * max(map(len, rows)), cell * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        if r < len(labels):
+            draw.text((4, r * cell + cell // 2 - 6), labels[r], fill="black")
+        for c, im in enumerate(row):
+            grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (pad + c * cell, r * cell))
+    return grid
+
+
+def describe_eval(h):
+    """One line of an alignment evaluation {split: {reward, golden, color, shape, ...}}."""
+    parts = []
+    for s in (s for s in h if s != "iter"):
+        g = f" golden {h[s]['golden']:.4f} (color {h[s]['color']:.2f} shape {h[s]['shape']:.2f})" if "golden" in h[s] else ""
+        parts.append(f"{s}: proxy {h[s]['reward']:.4f}{g}")
+    return " | ".join(parts)
+
+
+def alignment_report(out, history, seconds, after_images=None):
+    """An alignment stage's summary.json (DESIGN.md 10) from its evaluations (history[0] before training, [-1] after;
+    each {split: {reward, golden, golden_all, colour/shape/background match}}), curves.png (proxy and golden vs
+    iteration) and grid.png (out/before.png above, the after images below) -> (summary, one line per split).
+    golden_se: the standard error of the paired (same prompt and seed) golden difference over the split's images."""
+    first, last = history[0], history[-1]
+    summary, lines = dict(iterations=last["iter"], seconds=seconds), []
+    for s in (s for s in first if s != "iter"):
+        a, b = first[s], last[s]
+        summary.update({f"reward_before_{s}": a["reward"], f"reward_after_{s}": b["reward"]})
+        line = f"{s}: proxy {a['reward']:.4f} -> {b['reward']:.4f}"
+        if "golden" in a:
+            d = np.array(b["golden_all"]) - np.array(a["golden_all"])
+            se = float(d.std(ddof=1) / np.sqrt(len(d)))
+            summary.update({f"golden_before_{s}": a["golden"], f"golden_after_{s}": b["golden"], f"golden_se_{s}": se})
+            for w, h in (("before", a), ("after", b)):
+                summary.update({f"{k}_{w}_{s}": h[k] for k in ("color", "shape", "background")})
+            line += (f", golden {a['golden']:.4f} -> {b['golden']:.4f} ({b['golden'] - a['golden']:+.4f} +- {se:.4f}), "
+                     f"colour match {a['color']:.2f} -> {b['color']:.2f}, shape match {a['shape']:.2f} -> {b['shape']:.2f}")
+        lines.append(line)
+    for k in ("golden_before", "golden_after", "golden_se", "reward_before", "reward_after"):  # the training split's
+        if f"{k}_train" in summary:
+            summary[k] = summary[f"{k}_train"]
+    with open(os.path.join(out, "summary.json.tmp"), "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
+    splits = [s for s in first if s != "iter"]
+    save_curves(os.path.join(out, "curves.png"), [(f"{k} (EMA policy, fixed seeds)", "iteration", {
+        s: ([h["iter"] for h in history], [h[s][k] for h in history]) for s in splits}) for k in ("reward", "golden")
+        if k in first["train"]])
+    if after_images:
+        before = Image.open(os.path.join(out, "before.png"))
+        after = image_grid([im[:12] for im in after_images.values()])
+        grid = Image.new("RGB", (before.width, before.height + after.height + 8), "white")
+        grid.paste(before, (0, 0))
+        grid.paste(after, (0, before.height + 8))
+        grid.save(os.path.join(out, "grid.png"))
+    return summary, lines
+
+
+def finish(out, history, after_images, params, ema, transformer, unit="iterations"):
+    """The end of a run: summary.json, curves.png, grid.png (alignment_report), the EMA LoRA exported in diffusers'
+    format to <out>/lora (the weights that were evaluated), the final lines printed."""
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    summary, lines = alignment_report(out, history, sum(sum(r["seconds"].values()) for r in log), after_images)
+    for n, p in params.items():
+        p.data.copy_(ema[n])
+    save_policy_lora(os.path.join(out, "lora"), transformer)
+    for line in lines:
+        print(f"final ({summary['iterations']} {unit}, {summary['seconds']:.0f} s of training): {line}", flush=True)
+    print(f"aligned LoRA: {os.path.join(out, 'lora')} (pipe.load_lora_weights); summary {out}/summary.json", flush=True)
