@@ -94,6 +94,21 @@ def load_policy_state(path, params, ema, opt, device="cpu"):
     return meta
 
 
+def swap_weights(params, ema):
+    """Exchange the live weights and their EMA in place (evaluate with the EMA, then swap back)."""
+    for n, p in params.items():
+        tmp = p.detach().clone()
+        p.data.copy_(ema[n])
+        ema[n].copy_(tmp)
+
+
+def truncate_log(path, it):
+    """A fresh run (it = 0) starts a fresh log.jsonl; a resumed one drops what a killed run logged after its checkpoint."""
+    if os.path.isfile(path):
+        keep = [line for line in open(path) if 0 < json.loads(line)["iter"] <= it] if it else []
+        open(path, "w").writelines(keep)
+
+
 def load_rewards(paths, weights, transformer, t=None, device="cpu", oracle_ok=False):
     """The alignment stages' frozen rewards: train_reward.py checkpoints (EMA weights) checked against the generator they
     judge (its latent channels and prompt-embedding widths), or "oracle" (the toy's golden oracle, decoded; the ceiling).

@@ -220,18 +220,12 @@ def main(args):
         keys = [(args.seed, 10 ** 9, i) for i in range(len(lat))]
         return (weights * align.score_rewards(rewards, lat, prompts, table, keys, decode).cpu()).sum(0)
 
-    def swap_ema():
-        for n, p in params.items():
-            tmp = p.detach().clone()
-            p.data.copy_(ema[n])
-            ema[n].copy_(tmp)
-
     def evaluate():
-        swap_ema()
+        align.swap_weights(params, ema)
         with autocast:
             rep, imgs = align.evaluate_policy(transformer, table, splits, seeds, eval_sigmas, args.eval_cfg, proxy,
-                                        shape, vae, oracle)
-        swap_ema()
+                                              shape, vae, oracle)
+        align.swap_weights(params, ema)
         return rep, imgs
 
     # ---------------------------------------------------------------------------- resume, or the evaluation before
@@ -242,9 +236,8 @@ def main(args):
         it, history = meta["iteration"], meta["history"]
         print0(f"resumed from {ckpt_path} at iteration {it}")
     os.makedirs(args.out, exist_ok=True)
-    if rank == 0 and os.path.isfile(log_path):  # drop what a killed run logged after its checkpoint
-        keep = [line for line in open(log_path) if 0 < json.loads(line)["iter"] <= it] if it else []
-        open(log_path, "w").writelines(keep)
+    if rank == 0:
+        align.truncate_log(log_path, it)
     if not history:
         rep, before_images = evaluate()
         history = [dict(iter=0, **rep)]
