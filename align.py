@@ -94,6 +94,49 @@ def load_policy_state(path, params, ema, opt, device="cpu"):
     return meta
 
 
+def optimizer_step(params, opt, ema, ema_decay=0.9, grad_clip=1.0, ddp=False, where="step"):
+    """One policy update after the backward passes: the LoRA gradients all-reduced (summed: each rank's loss is already
+    divided by the global count) by hand, in one flat tensor (they are small; DDP would need one forward per backward),
+    refused when non-finite, clipped; AdamW steps, then the EMA (ema_decay 0: a copy of the live weights) -> grad norm."""
+    grads = torch.cat([p.grad.flatten() for p in params.values()])
+    if ddp:
+        torch.distributed.all_reduce(grads)
+    if not torch.isfinite(grads).all():
+        raise FloatingPointError(f"{where}: non-finite loss or gradient")
+    k = 0
+    for p in params.values():
+        p.grad.copy_(grads[k:k + p.numel()].view_as(p))
+        k += p.numel()
+    gnorm = torch.nn.utils.clip_grad_norm_(params.values(), grad_clip).item()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    with torch.no_grad():
+        for n, p in params.items():
+            ema[n].lerp_(p.detach(), 1 - ema_decay)
+    return gnorm
+
+
+def start_run(out, resume, params, ema, opt, evaluate, rank=0, device="cpu"):
+    """Resume from <out>/ckpt.safetensors (exactly: the LoRA, its EMA, AdamW, the evaluations so far), or evaluate the
+    policy before training and save <out>/before.png -> (iteration, history, checkpoint path, log path)."""
+    it, history = 0, []
+    ckpt_path, log_path = os.path.join(out, "ckpt.safetensors"), os.path.join(out, "log.jsonl")
+    if resume and os.path.isfile(ckpt_path):
+        meta = load_policy_state(ckpt_path, params, ema, opt, device)
+        it, history = meta["iteration"], meta["history"]
+        if rank == 0:
+            print(f"resumed from {ckpt_path} at iteration {it}", flush=True)
+    os.makedirs(out, exist_ok=True)
+    if rank == 0:
+        truncate_log(log_path, it)
+    if not history:
+        rep, before_images = evaluate()
+        history = [dict(iter=0, **rep)]
+        if rank == 0:
+            image_grid([im[:12] for im in before_images.values()]).save(os.path.join(out, "before.png"))
+    return it, history, ckpt_path, log_path
+
+
 def swap_weights(params, ema):
     """Exchange the live weights and their EMA in place (evaluate with the EMA, then swap back)."""
     for n, p in params.items():
@@ -113,13 +156,13 @@ def load_rewards(paths, weights, transformer, t=None, device="cpu", oracle_ok=Fa
     """The alignment stages' frozen rewards: train_reward.py checkpoints (EMA weights) checked against the generator they
     judge (its latent channels and prompt-embedding widths), or "oracle" (the toy's golden oracle, decoded; the ceiling).
     -> [dict(name, model (None: oracle), t: the noise level it reads (its checkpoint's t_eval unless t), weight,
-    text_len)]."""
+    text_len, t_range: the noise levels it was trained on, (t*, t*) for --t-sampling fixed)]."""
     out = []
     for path, w in zip(paths, weights):
         if path == "oracle":
             if not oracle_ok:
                 raise ValueError("--reward oracle is the toy world's golden oracle; it needs --backbone toy")
-            out.append(dict(name=path, model=None, t=None, weight=w, text_len=None))
+            out.append(dict(name=path, model=None, t=None, weight=w, text_len=None, t_range=None))
             continue
         reward, meta = load_reward_model(path if path.endswith(".safetensors") else os.path.join(path, "ckpt.safetensors"))
         mine, gen = reward.tap.config, transformer.config
@@ -128,8 +171,9 @@ def load_rewards(paths, weights, transformer, t=None, device="cpu", oracle_ok=Fa
                 raise ValueError(f"{path}: the reward's backbone has {key}={getattr(mine, key)} but the generator has "
                                  f"{getattr(gen, key)}; train the reward on this generator's backbone")
         a = meta["args"]
+        t_range = (a["t_eval"], a["t_eval"]) if a.get("t_sampling") == "fixed" else (0.0, 1.0)  # the levels it was trained on
         out.append(dict(name=path, model=reward.requires_grad_(False).to(device), t=a["t_eval"] if t is None else t,
-                        weight=w, text_len=a["max_text_len"]))
+                        weight=w, text_len=a["max_text_len"], t_range=t_range))
     lens = {r["text_len"] for r in out} - {None}
     if len(lens) > 1:
         raise ValueError(f"the rewards read prompts of different lengths {sorted(lens)}; they must share the embeddings")
@@ -151,6 +195,27 @@ def score_rewards(rewards, lat, prompts, table, keys, decode=None):
         pe, pooled = embeds(table, prompts, lat.device)
         out.append(r["model"].score(lat, pe, pooled, t=r["t"], noise=eps).float())
     return torch.stack(out)
+
+
+def score_noisy(rewards, x, t, prompts, table):
+    """(R, B) float32 rewards of denoising states x (B,C,h,w) read at their own noise level t (DRM's dense per-step
+    reward: no re-noising, the reward was trained on noisy latents). Only latent rewards can: the oracle sees images."""
+    pe, pooled = embeds(table, prompts, x.device)
+    tt = torch.full((len(x),), float(t), device=x.device)
+    return torch.stack([r["model"](x, tt, pe, pooled).float() for r in rewards])
+
+
+def check_dense(rewards, levels, flag="--reward"):
+    """Every reward must score noisy latents at each of `levels` (the noise levels a stage reads them at): a latent
+    reward trained at those levels (its checkpoint's t range), not the oracle."""
+    for r in rewards:
+        if r["model"] is None:
+            raise ValueError(f"{flag} oracle scores decoded images; dense per-step rewards need a latent reward")
+        lo, hi = r["t_range"]
+        bad = [t for t in levels if not lo - 1e-6 <= t <= hi + 1e-6]
+        if bad:
+            raise ValueError(f"{flag} {r['name']}: trained at t in [{lo}, {hi}], it cannot score the noise level "
+                             f"{bad[0]:.4f} of this schedule (choose a --steps-window inside, or a reward trained there)")
 
 
 @torch.no_grad()

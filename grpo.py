@@ -37,7 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import align
-from model import SDE_STEPS, load_pipeline, sample, sd3_sigmas, seeded, velocity
+from model import SDE_STEPS, grpo_loss, load_pipeline, sample, sd3_sigmas, seeded, velocity
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--backbone", default="toy", help="the generator: tiny | toy | sd35m | sd35l")
@@ -160,17 +160,6 @@ def advantages(rewards, groups, weights, global_std=False, clip=5.0):
     return adv.clamp(-clip, clip)
 
 
-def grpo_loss(log_prob, old_log_prob, adv, clip_range, mean=None, mean_ref=None, std=None, beta=0.0):
-    """Per-image clipped policy loss max(-A r, -A clip(r, 1 +- eps)), r = exp(log_prob - old), and the KL of two Gaussians
-    with one std, mean((mu - mu_ref)^2) / (2 std^2) -> (loss (B,), kl (B,), ratio (B,))."""
-    ratio = torch.exp(log_prob - old_log_prob)
-    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
-    kl = torch.zeros_like(loss)
-    if beta > 0:
-        kl = ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std ** 2)
-    return loss + beta * kl, kl, ratio
-
-
 def print0(*a):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*a, flush=True)
@@ -229,20 +218,7 @@ def main(args):
         return rep, imgs
 
     # ---------------------------------------------------------------------------- resume, or the evaluation before
-    it, ckpt_path, log_path = 0, os.path.join(args.out, "ckpt.safetensors"), os.path.join(args.out, "log.jsonl")
-    history = []
-    if args.resume and os.path.isfile(ckpt_path):
-        meta = align.load_policy_state(ckpt_path, params, ema, opt, device)
-        it, history = meta["iteration"], meta["history"]
-        print0(f"resumed from {ckpt_path} at iteration {it}")
-    os.makedirs(args.out, exist_ok=True)
-    if rank == 0:
-        align.truncate_log(log_path, it)
-    if not history:
-        rep, before_images = evaluate()
-        history = [dict(iter=0, **rep)]
-        if rank == 0:
-            align.image_grid([before_images[s][:12] for s in splits]).save(os.path.join(args.out, "before.png"))
+    it, history, ckpt_path, log_path = align.start_run(args.out, args.resume, params, ema, opt, evaluate, rank, device)
     print0(f"world {world}: {args.groups} prompts x {args.group_size} images = {n_img} per iteration, {n_local} per rank, "
            f"{args.updates} update(s); {sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
     print0("before: " + align.describe_eval(history[0]))
@@ -312,21 +288,7 @@ def main(args):
                     stats["kl"] += kl.sum().item() / denom
                     stats["ratio_dev"] = max(stats["ratio_dev"], (ratio - 1).abs().max().item())
                     stats["clipfrac"] += ((ratio - 1).abs() > args.clip_range).float().sum().item() / denom
-            grads = torch.cat([p.grad.flatten() for p in params.values()])
-            if ddp:
-                dist.all_reduce(grads)
-            if not torch.isfinite(grads).all():
-                raise FloatingPointError(f"iteration {it}: non-finite loss or gradient (prompts {group_prompts[:3]}...)")
-            k = 0
-            for p in params.values():
-                p.grad.copy_(grads[k:k + p.numel()].view_as(p))
-                k += p.numel()
-            torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=False)
-            with torch.no_grad():
-                for n, p in params.items():
-                    ema[n].lerp_(p.detach(), 1 - args.ema)  # ema 0: a copy of the live weights
+            align.optimizer_step(params, opt, ema, args.ema, args.grad_clip, ddp, f"iteration {it} (prompts {group_prompts[:3]}...)")
         if ddp:
             parts = [None] * world
             dist.all_gather_object(parts, stats)

@@ -511,6 +511,23 @@ def cps_step(v, x, sigma, sigma_next, noise_level=0.8, prev_sample=None, generat
 SDE_STEPS = {"sde": sde_step, "cps": cps_step}
 
 
+def sde_children(step_fn, v, x, sigma, sigma_next, noise_level, k, generator=None, sigma1=None):
+    """k successors of every state x (B,C,H,W) from its one velocity v (DRM's Step-wise Sampling and Step-GRPO): the
+    same mean, k noise draws (image b's k draws from generator[b] in order, so k = 1 is step_fn's own sample bit for bit)
+    -> (children (B,k,C,H,W), log_probs (B,k) under the shared mean, mu (B,C,H,W), the step's noise std)."""
+    _, _, mu, std = step_fn(v, x, sigma, sigma_next, noise_level, prev_sample=x, sigma1=sigma1)
+    if std == 0:  # an ODE step (a = 0, or CPS's last): k equal children
+        return mu[:, None].expand(-1, k, *mu.shape[1:]), torch.zeros(len(x), k, device=x.device), mu, std
+    children = mu[:, None] + std * draw_noise((len(x), k, *x.shape[1:]), generator, x.device)
+    return children, children_log_prob(children, mu, std), mu, std
+
+
+def children_log_prob(children, mu, std):
+    """log-probs (B,k) of children (B,k,C,H,W) under N(mu (B,C,H,W), std^2), as gaussian_log_prob of each child."""
+    k = children.shape[1]
+    return gaussian_log_prob(children.flatten(0, 1), mu.repeat_interleave(k, 0), std).view(-1, k)
+
+
 def velocity(transformer, x, sigma, prompt_embeds, pooled, guidance_scale=1.0, negative=None):
     """The generator's velocity at noise level sigma, (B,C,H,W) float32; CFG as diffusers' SD3 pipeline: one forward
     of [uncond; cond], v = v_u + w (v_c - v_u), the negative prompt's (embeds, pooled) broadcast over the batch."""
@@ -591,6 +608,18 @@ def bt_loss(r_pos, r_neg, y=None):
     if y is None:
         return -F.logsigmoid(d).mean()
     return -(y * F.logsigmoid(d) + (1 - y) * F.logsigmoid(-d)).mean()
+
+
+def grpo_loss(log_prob, old_log_prob, adv, clip_range, mean=None, mean_ref=None, std=None, beta=0.0):
+    """Flow-GRPO's clipped policy loss max(-A r, -A clip(r, 1 +- eps)), r = exp(log_prob - old), per sample (grpo.py,
+    step_grpo.py), and the KL of two Gaussians with one std, mean((mu - mu_ref)^2) / (2 std^2) -> (loss, kl, ratio)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
+    kl = torch.zeros_like(loss)
+    if beta > 0:
+        kl = ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std ** 2)
+        kl = kl.view(-1, *([1] * (loss.ndim - 1))).expand_as(loss)  # log_prob (B,k): each child gets its parent's KL
+    return loss + beta * kl, kl, ratio
 
 
 def thurstone_loss(r_pos, r_neg, t, k=2.0, sigma_u=0.1, y=None):

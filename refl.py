@@ -201,20 +201,8 @@ def main(args):
         return rep, imgs
 
     # ---------------------------------------------------------------------------- resume, or the evaluation before
-    it, ckpt_path, log_path = 0, os.path.join(args.out, "ckpt.safetensors"), os.path.join(args.out, "log.jsonl")
-    history, best = [], None
-    if args.resume and os.path.isfile(ckpt_path):
-        meta = align.load_policy_state(ckpt_path, params, ema, opt, device)
-        it, history = meta["iteration"], meta["history"]
-        print0(f"resumed from {ckpt_path} at step {it}")
-    os.makedirs(args.out, exist_ok=True)
-    if rank == 0:
-        align.truncate_log(log_path, it)
-    if not history:
-        rep, before_images = evaluate()
-        history = [dict(iter=0, **rep)]
-        if rank == 0:
-            align.image_grid([before_images[s][:12] for s in splits]).save(os.path.join(args.out, "before.png"))
+    it, history, ckpt_path, log_path = align.start_run(args.out, args.resume, params, ema, opt, evaluate, rank, device)
+    best = None
     print0(f"world {world}: {args.batch} images per step = micro {micro} x {n_local // micro} x {world} rank(s); "
            f"{sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
     print0("before: " + align.describe_eval(history[0]))
@@ -250,24 +238,11 @@ def main(args):
             loss.sum().div(args.batch).backward()
             stats["loss"] += loss.sum().item() / args.batch
             stats["reward"] += r.sum().item() / args.batch
-        grads = torch.cat([p.grad.flatten() for p in params.values()])
         if ddp:
-            dist.all_reduce(grads)
             parts = [None] * world
             dist.all_gather_object(parts, stats)
             stats = {k: sum(s[k] for s in parts) for k in stats}
-        if not torch.isfinite(grads).all():
-            raise FloatingPointError(f"step {it}: non-finite loss or gradient (prompts {prompts[:3]}...)")
-        k = 0
-        for p in params.values():
-            p.grad.copy_(grads[k:k + p.numel()].view_as(p))
-            k += p.numel()
-        gnorm = torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip).item()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        with torch.no_grad():
-            for n, p in params.items():
-                ema[n].lerp_(p.detach(), 1 - args.ema)  # ema 0: a copy of the live weights
+        gnorm = align.optimizer_step(params, opt, ema, args.ema, args.grad_clip, ddp, f"step {it} (prompts {prompts[:3]}...)")
         it += 1
         rec = dict(iter=it, mid=mid, gnorm=gnorm, **stats, seconds=dict(training=time.time() - t0))
         if (args.eval_interval and it % args.eval_interval == 0) or it == args.iters:

@@ -15,6 +15,8 @@ import align
 import grpo
 import model
 import refl
+import sample_stepwise
+import step_grpo
 from model import (build_reward_model, cps_step, make_tiny_pipeline, sample, save_checkpoint, sd3_sigmas, sde_step,
                    trainable_state)
 from toy import toy_prompt
@@ -113,7 +115,7 @@ def test_advantages_closed_form():
     glob = grpo.advantages(r, torch.tensor([0, 0, 0, 1, 1, 1]), [1.0], global_std=True)
     torch.testing.assert_close(glob[3:], (r[0, 3:] - 11) / (r.std(unbiased=False) + 1e-4))
     assert grpo.advantages(r * 1e6, torch.zeros(6, dtype=torch.long), [1.0], clip=0.5).abs().max() == 0.5
-    loss, kl, ratio = grpo.grpo_loss(torch.zeros(2), torch.zeros(2), torch.tensor([1.0, -1.0]), 1e-4)
+    loss, kl, ratio = model.grpo_loss(torch.zeros(2), torch.zeros(2), torch.tensor([1.0, -1.0]), 1e-4)
     assert torch.equal(ratio, torch.ones(2)) and torch.equal(loss, torch.tensor([-1.0, 1.0])) and (kl == 0).all()
 
 
@@ -234,10 +236,10 @@ def refl_args(w, out, *extra):
                                    "--out", str(out), *extra])
 
 
-@pytest.mark.parametrize("stage", ["grpo", "refl"])
+@pytest.mark.parametrize("stage", ["grpo", "refl", "step_grpo"])
 def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch, stage):
-    mod, make = (grpo, grpo_args) if stage == "grpo" else (refl, refl_args)
-    extra = ["--iters", "3"] if stage == "grpo" else ["--fm-weight", "1"]  # refl: with the pretraining loss
+    mod, make = dict(grpo=(grpo, grpo_args), refl=(refl, refl_args), step_grpo=(step_grpo, step_args))[stage]
+    extra = dict(grpo=["--iters", "3"], refl=["--fm-weight", "1"], step_grpo=["--iters", "3", "--k", "3"])[stage]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     mod.main(make(world, straight, *extra))
     real_step, calls = torch.optim.AdamW.step, {"n": 0}
@@ -260,19 +262,20 @@ def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch, stage):
     assert [l["loss"] for l in log(killed)] == [l["loss"] for l in log(straight)]
 
 
-@pytest.mark.parametrize("stage", ["grpo", "refl"])
+@pytest.mark.parametrize("stage", ["grpo", "refl", "step_grpo"])
 def test_two_processes_equal_one(world, tmp_path, stage):
     """torchrun --nproc_per_node=2 (gloo): the same losses and LoRA weights as one process at the same global batch."""
     outs = {}
     common = ["--backbone", "tiny", "--reward", str(world / "reward"), "--prompts", str(world / "train.txt"),
               "--steps", "3", "--eval-steps", "2", "--eval-seeds", "1", "--heldout-seeds", "1", "--iters", "2",
               "--eval-interval", "0", "--lr", "1e-2"]
-    extra = (["--groups", "2", "--group-size", "2", "--batch", "2", "--beta", "0.04"] if stage == "grpo" else
-             ["--batch", "4", "--micro-batch", "2", "--mid-range", "1,3", "--fm-weight", "1"])
+    extra = dict(grpo=["--groups", "2", "--group-size", "2", "--batch", "2", "--beta", "0.04"],
+                 refl=["--batch", "4", "--micro-batch", "2", "--mid-range", "1,3", "--fm-weight", "1"],
+                 step_grpo=["--trajectories", "4", "--batch", "2", "--k", "3", "--beta", "0.04"])[stage]
     for n in (1, 2):
         out = tmp_path / f"w{n}"
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master-port",
-               str(29610 + n + 10 * (stage == "refl")), str(ROOT / f"{stage}.py"), *common, *extra, "--out", str(out)]
+               str(29610 + n + 10 * ["grpo", "refl", "step_grpo"].index(stage)), str(ROOT / f"{stage}.py"), *common, *extra, "--out", str(out)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -282,7 +285,7 @@ def test_two_processes_equal_one(world, tmp_path, stage):
     for a, b in zip(l1, l2):
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-5)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        if stage == "grpo":
+        if stage != "refl":
             assert a["kl"] == pytest.approx(b["kl"], abs=1e-9)
     w1, w2 = (model.load_checkpoint(str(o / "ckpt.safetensors"))[0] for o in (outs[1], outs[2]))
     for k in w1:
@@ -317,3 +320,131 @@ def test_bad_input(world, tmp_path, monkeypatch):
     monkeypatch.setattr(align, "score_rewards", lambda *a, **k: torch.full((1, len(a[1])), float("nan")))
     with pytest.raises(FloatingPointError, match="iteration 0: non-finite reward for prompt 'a "):
         grpo.main(grpo_args(world, tmp_path / "b"))
+
+
+# ----------------------------------------------------------------------------- dense per-step rewards (DRM)
+
+def step_args(w, out, *extra):
+    return step_grpo.parser.parse_args(["--backbone", "tiny", "--reward", str(w / "reward"), "--prompts",
+                                        str(w / "train.txt"), "--heldout-prompts", str(w / "heldout.txt"),
+                                        "--trajectories", "4", "--batch", "2", "--steps", "4", "--eval-steps", "3",
+                                        "--eval-seeds", "1", "--heldout-seeds", "1", "--iters", "2", "--eval-interval",
+                                        "0", "--ckpt-interval", "1", "--lr", "1e-2", "--out", str(out), *extra])
+
+
+def tiny_inputs(n=3, seed=5):
+    pipe = make_tiny_pipeline(0)
+    pe, _, pooled, _ = pipe.encode_prompt(PROMPTS[:n], PROMPTS[:n], PROMPTS[:n], do_classifier_free_guidance=False,
+                                          max_sequence_length=8)
+    neg = pipe.encode_prompt([""], [""], [""], do_classifier_free_guidance=False, max_sequence_length=8)
+    z = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return pipe.transformer.requires_grad_(False), z, pe, pooled, (neg[0], neg[2])
+
+
+def test_children_share_the_mean_and_k1_is_the_sde_step():
+    s, x, v = sd3_sigmas(10), torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]
+    one, lp1, mu1, std1 = model.sde_children(sde_step, v, x, s[2], s[3], 0.7, 1, gens())
+    ref, lp_ref, mu_ref, _ = sde_step(v, x, s[2], s[3], 0.7, generator=gens())
+    assert torch.equal(one[:, 0], ref) and torch.equal(lp1[:, 0], lp_ref) and torch.equal(mu1, mu_ref)
+    kids, lp, mu, std = model.sde_children(sde_step, v, x, s[2], s[3], 0.7, 4, gens())
+    assert kids.shape == (3, 4, 4, 8, 8) and torch.equal(kids[:, 0], ref)  # child 0: the same first draw
+    for j in range(4):  # each child's log-prob is the step's own, under the one shared mean
+        torch.testing.assert_close(lp[:, j], sde_step(v, x, s[2], s[3], 0.7, prev_sample=kids[:, j])[1])
+    ode = model.sde_children(sde_step, v, x, s[2], s[3], 0.0, 3)[0]
+    assert torch.equal(ode[:, 1], x + (s[3] - s[2]).item() * v)
+
+
+def test_stepwise_k1_is_the_sde_sampler_and_one_forward_per_step():
+    """k = 1 reproduces model.sample's SDE samples bit for bit (with CFG); at k = 4 the generator runs once per step and
+    the reward once per step on all k x B successors, and the kept successor is the argmax."""
+    tr, z, pe, pooled, neg = tiny_inputs()
+    s = sd3_sigmas(4)
+    gens = lambda: [torch.Generator().manual_seed(10 + i) for i in range(3)]
+    want = sample(tr, z, s, pe, pooled, 3.0, neg, 0.7, generator=gens())["latents"]
+    got, _ = sample_stepwise.stepwise_sample(tr, z, s, pe, pooled, lambda x, i: -x.mean((1, 2, 3)), 1, 3.0, neg, 0.7,
+                                             generators=gens())
+    assert torch.equal(got, want)
+    calls, scored = {"gen": 0}, []
+    real = tr.forward
+
+    def counting(*a, **k):
+        calls["gen"] += 1
+        return real(*a, **k)
+    tr.forward = counting
+
+    def score(x, i):
+        r = -x.mean((1, 2, 3))
+        scored.append((len(x), r.view(3, 4)))
+        return r
+    got, kept = sample_stepwise.stepwise_sample(tr, z, s, pe, pooled, score, 4, 3.0, neg, 0.7, generators=gens())
+    assert calls["gen"] == 4 and [n for n, _ in scored] == [12] * 4
+    assert torch.equal(kept, torch.stack([r.max(1).values for _, r in scored], 1))
+    assert torch.equal(got.mean((1, 2, 3)), -scored[-1][1].max(1).values)  # the final latents: the last argmax
+
+
+def test_sample_stepwise_stage_and_bad_input(world, tmp_path):
+    def run(*extra):
+        return sample_stepwise.main(sample_stepwise.parser.parse_args([
+            "--backbone", "tiny", "--reward", str(world / "reward"), "--prompts", str(world / "train.txt"),
+            "--seeds", "2", "--steps", "3", "--out", str(tmp_path / "s"), *extra]))
+    run("--k", "1", "2")
+    res = json.loads((tmp_path / "s/results.json").read_text())["results"]
+    assert set(res) == {"ode", "1", "2"} and len(res["2"]["kept_reward_per_step"]) == 3
+    assert res["2"]["proxy"] != res["1"]["proxy"] and "generator forward" in (tmp_path / "s/table.md").read_text()
+    assert len(list((tmp_path / "s/images/k2").glob("*.png"))) == 6 and (tmp_path / "s/grid.png").is_file()
+    with pytest.raises(ValueError, match="--k 0: every k must be >= 1"):
+        run("--k", "0", "2")
+    with pytest.raises(ValueError, match="--steps-window 1,5 is outside the 3-step schedule"):
+        run("--steps-window", "1,5")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty.txt: the prompts file is empty"):
+        run("--prompts", str(empty))
+    # a reward trained at one noise level cannot score the successors at theirs
+    tensors, meta = model.load_checkpoint(str(world / "reward/ckpt.safetensors"))
+    meta["args"].update(t_sampling="fixed", t_eval=0.4)
+    save_checkpoint(str(tmp_path / "fixed/ckpt.safetensors"), tensors, meta)
+    with pytest.raises(ValueError, match=r"trained at t in \[0.4, 0.4\], it cannot score the noise level"):
+        run("--reward", str(tmp_path / "fixed"))
+    with pytest.raises(ValueError, match="oracle scores decoded images"):
+        align.check_dense([dict(model=None)], [0.5])
+
+
+def test_step_grpo_first_ratio_one_and_shared_forward(world, tmp_path, monkeypatch):
+    """The importance ratio is exactly 1 for every child on the first update, the KL 0; the k children of a parent share
+    one generator forward in rollouts and in training (the same count of forwards at k = 1 and k = 3)."""
+    counts = {}
+    for k in (1, 3):
+        n = {"v": 0}
+        real = step_grpo.velocity
+
+        def counting(*a, **kw):
+            n["v"] += 1
+            return real(*a, **kw)
+        monkeypatch.setattr(step_grpo, "velocity", counting)
+        step_grpo.main(step_args(world, tmp_path / f"k{k}", "--k", str(k), "--ema", "0", "--iters", "1"))
+        monkeypatch.setattr(step_grpo, "velocity", real)
+        counts[k] = n["v"]
+        first = log(tmp_path / f"k{k}")[0]
+        assert first["ratio_dev"] == 0.0 and first["kl"] == 0.0
+    # 2 chunks x (4 rollout steps + 3 trained steps x (policy + KL reference)) = 20 forwards, whatever k
+    assert counts[1] == counts[3] == 2 * (4 + 3 * 2)
+    step_grpo.main(step_args(world, tmp_path / "k3b", "--k", "3"))
+    assert log(tmp_path / "k3b")[1]["kl"] > 0 and (tmp_path / "k3b/lora/pytorch_lora_weights.safetensors").is_file()
+    summary = json.loads((tmp_path / "k3b/summary.json").read_text())
+    assert {"reward_before", "reward_after", "seconds", "iterations"} <= set(summary)
+    with pytest.raises(ValueError, match="--k 0"):
+        step_grpo.main(step_args(world, tmp_path / "bad", "--k", "0"))
+    with pytest.raises(ValueError, match="--train-steps 2,6 is outside the 4-step schedule"):
+        step_grpo.main(step_args(world, tmp_path / "bad", "--train-steps", "2,6"))
+
+
+def test_step_advantages_closed_form():
+    r = torch.tensor([[1.0, 3.0], [2.0, 2.001], [0.0, 6.0]])
+    adv = step_grpo.step_advantages(r, std_floor=0.0)
+    torch.testing.assert_close(adv[0], torch.tensor([-1.0, 1.0]) / (1 + 1e-4))  # k = 2: always +-1 without a floor
+    assert adv[1].abs().max() > 0.8
+    floored = step_grpo.step_advantages(r, std_floor=0.05)
+    torch.testing.assert_close(floored[1], torch.tensor([-0.0005, 0.0005]) / (0.05 + 1e-4), atol=1e-4, rtol=1e-3)
+    assert step_grpo.step_advantages(r, clip=2.0).abs().max() <= 2.0

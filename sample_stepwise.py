@@ -1,0 +1,255 @@
+"""
+Step-wise Sampling (DRM), training-free: at every denoising step one generator forward gives the mean of the SDE step,
+k successors are drawn from that same mean, all k x B of them are scored in one call of the latent reward at their own
+noise level (the reward was trained on noisy latents: no decode, no re-noising), and the best one carries on.
+k = 1 is the plain SDE sampler with the same seed, bit for bit.
+
+Toy world (after the quick start `python train_reward.py`; about 4 minutes on 2 CPU cores):
+    python sample_stepwise.py                        # k = 1, 2, 4, 6 on the 15 held-out combinations, 12 seeds each
+    python sample_stepwise.py --prompts out/toy/prompts_train.txt --seeds 4 --out out/stepwise-train
+    python sample_stepwise.py --score x0hat --out out/stepwise-x0hat     # ablation: score the one-step prediction
+    python sample_stepwise.py --prompt "a red circle on a blue background" --k 1 4
+SD3.5-M with a reward trained here (DRM's setting: 512x512, 50 steps):
+    python sample_stepwise.py --backbone sd35m --reward out/reward-sd35m-drm --prompts prompts.txt --k 1 2 4 6
+
+Writes <out>/images/k<k>/<prompt>_<seed>.png (decoded once, at the end), <out>/grid.png (k = 1 above the largest k,
+same prompts and seeds), <out>/table.md and <out>/results.json: per k, seconds per image, the proxy reward of the final
+latents, on the toy the golden oracle (its paired gain over k = 1 with its standard error) and prompt-match rates, and
+the diversity (mean pairwise RMS pixel distance between the images of one prompt). Also a row "ode": the ODE sampler.
+
+Notes: --select sample draws the successor from softmax(r / T) (seeded per image and step); --score x0hat re-scores
+x0_hat = x - sigma v of each successor at the reward's t_eval (re-noised with seeded noise), which costs one more
+generator forward over the k x B successors per step (an ablation, not DRM's method).
+"""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import align
+from model import SDE_STEPS, load_pipeline, sample, sd3_sigmas, sde_children, seeded, velocity, x0_hat
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--backbone", default="toy", help="the generator: tiny | toy | sd35m | sd35l")
+parser.add_argument("--backbone-path", default=None, help="diffusers folder or hub id overriding the preset")
+parser.add_argument("--reward", nargs="+", default=None, help="train_reward.py checkpoint(s) (toy: out/reward-toy-dina)")
+parser.add_argument("--reward-weight", nargs="+", type=float, default=None, help="weight of each reward (1)")
+parser.add_argument("--prompts", default=None, help="prompts file, one per line (toy: out/toy/prompts_heldout.txt)")
+parser.add_argument("--prompt", default=None, help="one prompt instead of a file")
+parser.add_argument("--seeds", type=int, default=None, help="images per prompt, fixed seeds: 4 / toy 12")
+parser.add_argument("--k", nargs="+", type=int, default=[1, 2, 4, 6], help="successors per step (DRM: 1, 2, 4, 6)")
+parser.add_argument("--steps", type=int, default=None, help="denoising steps: 50 (DRM) / toy 10")
+parser.add_argument("--steps-window", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+                    help="START,END: choose among k only at steps in [START, END) (default: every step)")
+parser.add_argument("--resolution", type=int, default=None, help="image side: 512 (DRM) / toy 32")
+parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance (1 = off)")
+parser.add_argument("--sde-type", default="sde", help="sde (Flow-GRPO's) | cps")
+parser.add_argument("--noise-level", type=float, default=0.7, help="SDE noise a (the plain sampler of k = 1)")
+parser.add_argument("--select", default="best", help="best (argmax, DRM) | sample (softmax(r / T) draw)")
+parser.add_argument("--temperature", type=float, default=1.0, help="T of --select sample")
+parser.add_argument("--score", default="noisy", help="noisy (DRM: the successor at its noise level) | x0hat (ablation)")
+parser.add_argument("--batch", type=int, default=64, help="images per generator forward (their k x B successors: one "
+                    "reward call)")
+parser.add_argument("--out", default="out/stepwise")
+parser.add_argument("--seed", type=int, default=0)
+
+
+def check_args(args):
+    if min(args.k) < 1:
+        raise ValueError(f"--k {min(args.k)}: every k must be >= 1 (k = 1 is the plain SDE sampler)")
+    if args.select not in ("best", "sample") or args.score not in ("noisy", "x0hat") or args.sde_type not in SDE_STEPS:
+        raise ValueError(f"--select {args.select} / --score {args.score} / --sde-type {args.sde_type}: choose best|sample, "
+                         f"noisy|x0hat, {'|'.join(SDE_STEPS)}")
+    lo, hi = args.steps_window or (0, args.steps)
+    if not 0 <= lo < hi <= args.steps:
+        raise ValueError(f"--steps-window {lo},{hi} is outside the {args.steps}-step schedule [0, {args.steps})")
+    args.steps_window = (lo, hi)
+
+
+@torch.no_grad()
+def stepwise_sample(transformer, z, sigmas, pe, pooled, score, k, cfg=1.0, negative=None, noise_level=0.7, window=None,
+                    generators=None, sde_type="sde", select="best", temperature=1.0, keys=None):
+    """Step-wise Sampling from initial noise z (B,C,H,W). At a step i in window: one generator forward, k successors of
+    the same mean (model.sde_children; image b's noise from generators[b]), score(successors (B*k,C,H,W), i) -> (B*k,)
+    rewards in one call, keep the argmax (or a softmax(r / T) draw, seeded by keys[b] and i). Elsewhere the plain step.
+    -> (final latents (B,C,H,W), the kept successors' rewards (B, N), nan where nothing was chosen)."""
+    step_fn, n = SDE_STEPS[sde_type], len(sigmas) - 1
+    lo, hi = window or (0, n)
+    x, kept = z.float(), torch.full((len(z), n), float("nan"))
+    for i in range(n):
+        v = velocity(transformer, x, sigmas[i], pe, pooled, cfg, negative)
+        kk = k if lo <= i < hi else 1
+        kids = sde_children(step_fn, v, x, sigmas[i], sigmas[i + 1], noise_level, kk, generators, float(sigmas[1]))[0]
+        if kk == 1:
+            x = kids[:, 0]
+            continue
+        r = score(kids.flatten(0, 1), i).view(len(x), kk).float().cpu()  # (B, k): all successors, one reward call
+        if select == "best":
+            choice = r.argmax(1)
+        else:
+            p = torch.softmax(r / temperature, 1)
+            choice = torch.cat([torch.multinomial(p[b], 1, generator=seeded(*keys[b], i)) for b in range(len(x))])
+        x = kids[torch.arange(len(x)), choice.to(kids.device)]
+        kept[:, i] = r[torch.arange(len(x)), choice]
+    return x, kept
+
+
+def diversity(images, groups):
+    """Mean pairwise RMS distance (pixels in [0, 1]) between the images of one prompt, averaged over prompts."""
+    x = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
+    d = []
+    for g in sorted(set(groups)):
+        m = x[np.array(groups) == g]
+        d += [np.sqrt(((m[a] - m[b]) ** 2).mean()) for a in range(len(m)) for b in range(a + 1, len(m))]
+    return float(np.mean(d))
+
+
+def flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def main(args):
+    small = args.backbone in ("toy", "tiny")
+    args.steps = args.steps or (10 if small else 50)
+    args.resolution = args.resolution or (32 if small else 512)
+    args.seeds = args.seeds or (12 if small else 4)
+    check_args(args)
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    else:
+        prompts = align.read_prompts(args.prompts or ("out/toy/prompts_heldout.txt" if args.backbone == "toy" else None))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipe = load_pipeline(args.backbone, args.backbone_path, args.seed, dtype=dtype).to(device)
+    transformer, vae = pipe.transformer.requires_grad_(False), pipe.vae
+    paths = args.reward or (["out/reward-toy-dina"] if args.backbone == "toy" else None)
+    if not paths:
+        raise ValueError("--reward is required: a train_reward.py checkpoint folder")
+    weights = args.reward_weight or [1.0] * len(paths)
+    if len(weights) != len(paths):
+        raise ValueError(f"--reward-weight has {len(weights)} values for {len(paths)} rewards")
+    rewards = align.load_rewards(paths, weights, transformer, None, device)
+    sigmas = sd3_sigmas(args.steps, pipe.scheduler.config.get("shift", 3.0))
+    lo, hi = args.steps_window
+    if args.score == "noisy":
+        align.check_dense(rewards, sigmas[lo + 1:hi + 1].tolist())
+    text_len = rewards[0]["text_len"] or 77
+    table = align.encode_prompt_table(pipe, prompts, text_len, device)
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # never called again
+    neg = align.embeds(table, [""], device)
+    w = torch.tensor(weights, device=device)[:, None]
+    shape = (transformer.config.in_channels, args.resolution // pipe.vae_scale_factor, args.resolution // pipe.vae_scale_factor)
+    items = [(p, i, s) for i, p in enumerate(prompts) for s in range(args.seeds)]  # image = (prompt, its index, seed)
+    oracle = args.backbone == "toy"
+    decode = lambda lat: align.decode_latents(vae, lat)
+
+    def score_fn(batch_prompts, batch_keys, k):
+        rep = [p for p in batch_prompts for _ in range(k)]  # successor j of image b is row b*k + j
+
+        def score(kids, i):
+            t = float(sigmas[i + 1])
+            if args.score == "noisy":
+                return (w * align.score_noisy(rewards, kids, t, rep, table)).sum(0)
+            pe, pooled = align.embeds(table, rep, device)
+            x0 = x0_hat(kids, t, velocity(transformer, kids, t, pe, pooled, args.cfg, neg)) if t > 0 else kids
+            keys = [(*key, i, j) for key in batch_keys for j in range(k)]
+            return (w * align.score_rewards(rewards, x0, rep, table, keys, decode)).sum(0)
+        return score
+
+    # ---------------------------------------------------------------------------- sample every k (and the ODE)
+    results, images = {}, {}
+    for k in ["ode"] + list(args.k):
+        lat, kept, t0 = [], [], time.time()
+        for c in range(0, len(items), args.batch):
+            chunk = items[c:c + args.batch]
+            keys = [(args.seed, s, i) for _, i, s in chunk]
+            gens = [seeded(*key) for key in keys]  # initial noise, then the SDE draws: one generator per image
+            z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+            pe, pooled = align.embeds(table, [p for p, _, _ in chunk], device)
+            if k == "ode":
+                out, r = sample(transformer, z, sigmas, pe, pooled, args.cfg, neg)["latents"], torch.zeros(len(z), 0)
+            else:
+                out, r = stepwise_sample(transformer, z, sigmas, pe, pooled, score_fn([p for p, _, _ in chunk], keys, k),
+                                         k, args.cfg, neg, args.noise_level, args.steps_window, gens, args.sde_type,
+                                         args.select, args.temperature, keys)
+            lat.append(out)
+            kept.append(r)
+        seconds = (time.time() - t0) / len(items)
+        lat = torch.cat(lat)
+        proxy = []
+        for c in range(0, len(lat), args.batch):  # the final latents at the reward's t_eval, seeded re-noising
+            chunk, ps = lat[c:c + args.batch], [p for p, _, _ in items[c:c + args.batch]]
+            keys = [(args.seed, 10 ** 9, c + j) for j in range(len(chunk))]
+            proxy.append((w * align.score_rewards(rewards, chunk, ps, table, keys)).sum(0).cpu())
+        proxy = torch.cat(proxy)
+        pil = [im for c in range(0, len(lat), args.batch) for im in decode(lat[c:c + args.batch])]
+        res = dict(seconds_per_image=seconds, proxy=proxy.mean().item(), diversity=diversity(pil, [i for _, i, _ in items]))
+        if kept[0].numel():
+            res["kept_reward_per_step"] = torch.cat(kept).nanmean(0).tolist()
+        if oracle:
+            import toy
+            golden = toy.toy_golden_score(pil, [p for p, _, _ in items])
+            stats = toy.match_stats(pil, [p for p, _, _ in items])
+            res.update(golden=float(golden.mean()), golden_all=golden.tolist(),
+                       **{m: stats[m] for m in ("color", "shape", "background")})
+        results[str(k)], images[str(k)] = res, pil
+        print(f"k {k}: {seconds:.3f} s/image, proxy {res['proxy']:.4f}" +
+              (f", golden {res['golden']:.4f}" if oracle else ""), flush=True)
+
+    # ---------------------------------------------------------------------------- FLOPs of one step, the files
+    x1 = torch.zeros(1, *shape, device=device)
+    pe1, pooled1 = align.embeds(table, prompts[:1], device)
+    gen_flops = flops(lambda: velocity(transformer, x1, sigmas[1], pe1, pooled1, args.cfg, neg))
+    rew_flops = flops(lambda: align.score_noisy(rewards, x1, float(sigmas[1]), prompts[:1], table))
+    write_outputs(args, items, results, images, gen_flops, rew_flops, oracle)
+
+
+def write_outputs(args, items, results, images, gen_flops, rew_flops, oracle):
+    os.makedirs(args.out, exist_ok=True)
+    for k, pil in images.items():
+        os.makedirs(os.path.join(args.out, "images", f"k{k}"), exist_ok=True)
+        for (p, i, s), im in zip(items, pil):
+            im.save(os.path.join(args.out, "images", f"k{k}", f"{i:03d}_{p[:40].replace(' ', '_')}_{s}.png"))
+    first = [j for j, (_, _, s) in enumerate(items) if s == 0][:12]  # seed 0 of the first prompts
+    big = str(max(args.k))
+    align.image_grid([[images["1" if "1" in images else str(min(args.k))][j] for j in first],
+                      [images[big][j] for j in first]], labels=(f"k={min(args.k)}", f"k={big}")).save(
+        os.path.join(args.out, "grid.png"))
+    base = results.get("1")
+    lines = ["| k | s / image | cost vs k=1 (FLOPs) | proxy | golden | gain over k=1 | colour | shape | background | "
+             "diversity |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for k, r in results.items():
+        cost = ""  # a step of k successors: one generator forward and k reward forwards (k = 1: no reward call)
+        if k != "ode":
+            cost = f"{(gen_flops + (int(k) > 1) * int(k) * rew_flops) / gen_flops:.2f}x"
+        gain = ""
+        if oracle and base is not None:
+            d = np.array(r["golden_all"]) - np.array(base["golden_all"])
+            r["gain"], r["gain_se"] = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+            gain = f"{r['gain']:+.4f} +- {r['gain_se']:.4f}"
+        g = (f"{r['golden']:.4f} | {gain} | {r['color']:.2f} | {r['shape']:.2f} | {r['background']:.2f}" if oracle
+             else " | | | | ")
+        lines.append(f"| {k} | {r['seconds_per_image']:.3f} | {cost} | {r['proxy']:.4f} | {g} | {r['diversity']:.4f} |")
+    lines.append(f"\nFLOPs per image and step: generator forward {gen_flops / 1e6:.1f} M (CFG {args.cfg}), reward forward "
+                 f"{rew_flops / 1e6:.1f} M per successor; {len(items)} images, {args.steps} steps, window "
+                 f"{args.steps_window}, --select {args.select}, --score {args.score}, seed {args.seed}")
+    open(os.path.join(args.out, "table.md"), "w").write("\n".join(lines) + "\n")
+    summary = dict(args=vars(args), generator_flops=gen_flops, reward_flops=rew_flops,
+                   results={k: {m: v for m, v in r.items() if m != "golden_all"} for k, r in results.items()})
+    with open(os.path.join(args.out, "results.json.tmp"), "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
+    print("\n".join(lines), flush=True)
+    print(f"images {args.out}/images, grid {args.out}/grid.png, {args.out}/results.json", flush=True)
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())
