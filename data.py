@@ -25,7 +25,7 @@ FORMATS = ("hpdv3", "pickapic", "hpdv2", "imagereward", "genai", "jsonl")
 _SIGNATURE = {"path1": "hpdv3", "jpg_0": "pickapic", "image_path": "hpdv2",
               "generations": "imagereward", "left_image": "genai", "chosen": "jsonl"}
 _VOTES = ("leftvote", "rightvote", "tievote", "bothbad_vote")
-_COLUMNS = {"pickapic": ("caption", "jpg_0", "jpg_1", "label_0", "label_1"),  # what is read of a published parquet
+_COLUMNS = {"pickapic": ("caption", "jpg_0", "jpg_1", "label_0", "label_1"),  # the columns read of a published parquet
             "genai": ("prompt", "left_image", "right_image", "vote_type")}
 _MAGIC = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"RIFF", ".webp"), (b"GIF8", ".gif"))  # image bytes -> suffix
 
@@ -49,13 +49,13 @@ def _load_records(path):
     return recs
 
 
-def _read_parquet(path):
-    """A parquet as published -> (its columns, rows(fmt): a generator of its rows as records, holding the columns
-    _COLUMNS[fmt] (a format without an entry: every column); the rest is never read. Pick-a-Pic v2 (19 columns):
-    caption string (may be ""), jpg_0 / jpg_1 binary (JPEG), label_0 / label_1 float64 (0.5 / 0.5 = tie), uids,
-    urls, models, ...; GenAI-Bench (test_v1, 1,735 rows): prompt, left_model, right_model, vote_type string,
-    left_image / right_image struct<bytes: binary, path: string>. An image cell's bytes are written once to
-    `<parquet stem>_images/<sha1 of bytes>.<ext>` and reused on re-reads; a struct without bytes keeps its path."""
+def _read_parquet(path, fmt=None):
+    """A published parquet -> (format, records): the format is the one of _COLUMNS whose columns the schema holds
+    (only those are read). Pick-a-Pic v2 (19 columns): caption string (may be ""), jpg_0 / jpg_1 binary (JPEG),
+    label_0 / label_1 float64 (0.5 / 0.5 = tie), uids, urls, models, ...; GenAI-Bench (test_v1, 1,735 rows): prompt,
+    left_model, right_model, vote_type string, left_image / right_image struct<bytes: binary, path: string>. An image's
+    bytes are written once to `<parquet stem>_images/<sha1 of bytes>.<ext>` (reused on re-reads) and the record holds
+    that file; a struct without bytes holds its path (joined to the image root like any relative path)."""
     try:
         import pyarrow.parquet as pq
         pf = pq.ParquetFile(path)
@@ -63,24 +63,25 @@ def _read_parquet(path):
         raise ImportError(f"{path}: parquet needs pyarrow (pip install pyarrow), or export to JSONL") from None
     except Exception as e:  # pyarrow's errors do not name the file
         raise ValueError(f"{path}: unreadable parquet: {e}".splitlines()[0]) from None
-    img_dir, names = os.path.splitext(path)[0] + "_images", pf.schema_arrow.names
-
-    def rows(fmt):  # lazy: no image is written before read_benchmark knows the format
-        os.makedirs(img_dir, exist_ok=True)
-        cols = [c for c in _COLUMNS.get(fmt, names) if c in names]  # a missing one: an error on record 0 names it
-        for i, r in enumerate(r for b in pf.iter_batches(256, columns=cols) for r in b.to_pylist()):
-            for k, v in r.items():  # image cells: bytes (Pick-a-Pic), or a struct {bytes, path} (GenAI-Bench)
-                if isinstance(v, dict) and "bytes" in v:  # a struct without bytes: its path
-                    v = _field(v, "path", str, f"{path}: record {i}: {k}") if v["bytes"] is None else v["bytes"]
-                if isinstance(v, bytes):  # written once, reused on re-reads
-                    ext = next((e for m, e in _MAGIC if v.startswith(m)), ".img")
-                    r[k] = os.path.join(img_dir, hashlib.sha1(v).hexdigest()[:20] + ext)
-                    if not os.path.exists(r[k]):
-                        _atomic(r[k], lambda tmp: Path(tmp).write_bytes(v))
-                else:
-                    r[k] = v
-            yield r
-    return names, rows
+    names = pf.schema_arrow.names
+    fmt = fmt or next((f for f, cols in _COLUMNS.items() if set(cols) <= set(names)), None)
+    if fmt not in _COLUMNS or not set(_COLUMNS[fmt]) <= set(names):
+        raise ValueError(f"{path}: unknown parquet schema (columns {names}); expected the columns of one of {_COLUMNS}")
+    img_dir, recs = os.path.splitext(path)[0] + "_images", []
+    os.makedirs(img_dir, exist_ok=True)
+    for i, r in enumerate(r for b in pf.iter_batches(256, columns=list(_COLUMNS[fmt])) for r in b.to_pylist()):
+        for k, v in r.items():  # image cells: bytes (Pick-a-Pic), or a struct {bytes, path} (GenAI-Bench)
+            if isinstance(v, dict):  # a struct without bytes: its path
+                v = _field(v, "path", str, f"{path}: record {i}: {k}") if v.get("bytes") is None else v["bytes"]
+            if isinstance(v, bytes):  # written once, reused on re-reads
+                ext = next((e for m, e in _MAGIC if v.startswith(m)), ".img")
+                r[k] = os.path.join(img_dir, hashlib.sha1(v).hexdigest()[:20] + ext)
+                if not os.path.exists(r[k]):
+                    _atomic(r[k], lambda tmp: Path(tmp).write_bytes(v))
+            else:
+                r[k] = v
+        recs.append(r)
+    return fmt, recs
 
 
 def _pairs_from(fmt, recs, path, root):
@@ -152,13 +153,11 @@ def read_benchmark(path, fmt=None, image_root=None):
         raise ValueError(f"{path}: unknown format {fmt!r}, expected one of {FORMATS}")
     with open(path, "rb") as fh:  # a parquet is known by its magic bytes, not its suffix; missing: FileNotFoundError
         parquet = fh.read(4) == b"PAR1"
-    keys, recs = _read_parquet(path) if parquet else (None, _load_records(path))
-    keys = keys if parquet else (recs[0] if isinstance(recs[0], dict) else {})  # columns, else the keys of record 0
+    fmt, recs = _read_parquet(path, fmt) if parquet else (fmt, _load_records(path))
+    keys = recs[0] if recs and isinstance(recs[0], dict) else {}  # auto-detect from the keys of record 0
     fmt = fmt or next((f for k, f in _SIGNATURE.items() if k in keys), None)
     if fmt is None:
-        what = "columns" if parquet else "record 0 keys"
-        raise ValueError(f"{path}: unknown pair format ({what} {sorted(keys)}); pass fmt in {FORMATS}")
-    recs = list(recs(fmt)) if parquet else recs  # a parquet's images are written here, once its format is known
+        raise ValueError(f"{path}: unknown pair format (record 0 keys {sorted(keys)}); pass fmt in {FORMATS}")
     pairs, count = _pairs_from(fmt, recs, path, os.path.dirname(os.path.abspath(path)) if image_root is None else image_root)
     return pairs, {"file": path, "format": fmt, "records": len(recs), "pairs": len(pairs), **count}
 

@@ -196,7 +196,7 @@ def test_parquet_errors(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"text": ["a"], "image": [encoded("red")]}), str(tmp_path / "other.parquet"))
-    with pytest.raises(ValueError, match=r"other.parquet: unknown pair format \(columns \['image', 'text'\]\)"):
+    with pytest.raises(ValueError, match=r"other.parquet: unknown parquet schema \(columns \['text', 'image'\]\)"):
         data.read_benchmark(str(tmp_path / "other.parquet"))
     assert not (tmp_path / "other_images").exists()
     red = encoded("red", "JPEG")

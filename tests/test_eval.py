@@ -245,7 +245,7 @@ def test_published_parquet_files(world, tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"caption": ["c"], "image": [jpg["a1"]]}), str(tmp_path / "other.parquet"))
-    with pytest.raises(ValueError, match=r"other.parquet: unknown pair format \(columns \['caption', 'image'\]\)"):
+    with pytest.raises(ValueError, match=r"other.parquet: unknown parquet schema \(columns \['caption', 'image'\]\)"):
         eval_reward.main(eval_reward.parser.parse_args([*args, "--bench", f"x={tmp_path / 'other.parquet'}"]))
     eval_reward.main(eval_reward.parser.parse_args(args))  # a second run reuses the image files and the caches
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*_images/*")} == written and lines(tmp_path / "out") == first
