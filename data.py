@@ -50,17 +50,14 @@ def _load_records(path):
 
 
 def _read_parquet(path, fmt=None):
-    """A published parquet -> (format, records): the format is the one of _COLUMNS whose columns the schema holds
-    (only those are read). Pick-a-Pic v2 (19 columns): caption string (may be ""), jpg_0 / jpg_1 binary (JPEG),
-    label_0 / label_1 float64 (0.5 / 0.5 = tie), uids, urls, models, ...; GenAI-Bench (test_v1, 1,735 rows): prompt,
-    left_model, right_model, vote_type string, left_image / right_image struct<bytes: binary, path: string>. An image's
-    bytes are written once to `<parquet stem>_images/<sha1 of bytes>.<ext>` (reused on re-reads) and the record holds
-    that file; a struct without bytes holds its path (joined to the image root like any relative path)."""
+    """A published parquet -> (format, records), the format being the one of _COLUMNS whose columns the schema holds
+    (only those are read). Pick-a-Pic v2 (19 columns): caption string (may be ""), jpg_0 / jpg_1 binary (JPEG), label_0 /
+    label_1 float64 (0.5 / 0.5 = tie), uids, urls, ...; GenAI-Bench (test_v1, 1,735 rows): prompt, left_model, right_model,
+    vote_type string, left_image / right_image struct<bytes: binary, path: string>. Image bytes are written once to
+    `<parquet stem>_images/<sha1>.<ext>` (reused on re-reads); a struct without bytes keeps its path (joined to the root)."""
+    import pyarrow.parquet as pq  # a requirement, imported here so that the JSON formats do not need it
     try:
-        import pyarrow.parquet as pq
         pf = pq.ParquetFile(path)
-    except ImportError:
-        raise ImportError(f"{path}: parquet needs pyarrow (pip install pyarrow), or export to JSONL") from None
     except Exception as e:  # pyarrow's errors do not name the file
         raise ValueError(f"{path}: unreadable parquet: {e}".splitlines()[0]) from None
     names = pf.schema_arrow.names
@@ -71,7 +68,7 @@ def _read_parquet(path, fmt=None):
     os.makedirs(img_dir, exist_ok=True)
     for i, r in enumerate(r for b in pf.iter_batches(256, columns=list(_COLUMNS[fmt])) for r in b.to_pylist()):
         for k, v in r.items():  # image cells: bytes (Pick-a-Pic), or a struct {bytes, path} (GenAI-Bench)
-            if isinstance(v, dict):  # a struct without bytes: its path
+            if isinstance(v, dict):  # a struct: its bytes, or its path when it has none
                 v = _field(v, "path", str, f"{path}: record {i}: {k}") if v.get("bytes") is None else v["bytes"]
             if isinstance(v, bytes):  # written once, reused on re-reads
                 ext = next((e for m, e in _MAGIC if v.startswith(m)), ".img")
@@ -85,8 +82,7 @@ def _read_parquet(path, fmt=None):
 
 
 def _pairs_from(fmt, recs, path, root):
-    """Records of one format -> (canonical pairs, counts of the skipped ties and both-bad votes and of the pairs kept
-    with an empty prompt); image paths joined to root."""
+    """Records of one format -> (canonical pairs, counts: see read_benchmark); image paths joined to root."""
     pairs, count = [], {"skipped_ties": 0, "skipped_bothbad": 0, "empty_prompt_pairs": 0}
     for i, rec in enumerate(recs):
         w, group, found = f"{path}: record {i}", None, []  # found: [(chosen, rejected, label)]
@@ -148,7 +144,8 @@ def _pairs_from(fmt, recs, path, root):
 def read_benchmark(path, fmt=None, image_root=None):
     """Any supported file -> (canonical pairs, info). fmt in FORMATS or None = auto-detect
     (a parquet's columns, else the keys of record 0). Relative image paths are joined to image_root
-    (default: the file's folder). info: file, format, records, pairs, and the counts of _pairs_from."""
+    (default: the file's folder). info: file, format, records, pairs, skipped_ties, skipped_bothbad (GenAI-Bench)
+    and empty_prompt_pairs (pairs kept with the empty prompt)."""
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"{path}: unknown format {fmt!r}, expected one of {FORMATS}")
     with open(path, "rb") as fh:  # a parquet is known by its magic bytes, not its suffix; missing: FileNotFoundError
@@ -163,7 +160,7 @@ def read_benchmark(path, fmt=None, image_root=None):
 
 
 def read_pairs(path, image_root=None, fmt=None):
-    """Training pairs from any supported file; skipped ties and both-bad votes, empty prompts are counted and printed."""
+    """Training pairs from any supported file; read_benchmark's counts are printed when one is not zero."""
     pairs, info = read_benchmark(path, fmt, image_root)
     if info["skipped_ties"] or info["skipped_bothbad"] or info["empty_prompt_pairs"]:
         print(", ".join(f"{k}: {v}" for k, v in info.items()))
