@@ -25,6 +25,9 @@ FORMATS = ("hpdv3", "pickapic", "hpdv2", "imagereward", "genai", "jsonl")
 _SIGNATURE = {"path1": "hpdv3", "jpg_0": "pickapic", "image_path": "hpdv2",
               "generations": "imagereward", "left_image": "genai", "chosen": "jsonl"}
 _VOTES = ("leftvote", "rightvote", "tievote", "bothbad_vote")
+_COLUMNS = {"pickapic": ("caption", "jpg_0", "jpg_1", "label_0", "label_1"),  # the columns read of a published parquet
+            "genai": ("prompt", "left_image", "right_image", "vote_type")}
+_MAGIC = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"RIFF", ".webp"), (b"GIF8", ".gif"))  # image bytes -> suffix
 
 
 def _field(rec, key, typ, where):
@@ -46,28 +49,41 @@ def _load_records(path):
     return recs
 
 
-def _read_parquet(path):
-    """Pick-a-Pic parquet -> records whose jpg_0/jpg_1 are files: the bytes are written once
-    to `<parquet stem>_images/<sha1 of bytes>.jpg` next to the parquet (reused on re-reads)."""
+def _read_parquet(path, fmt=None):
+    """A published parquet -> (format, records), the format being the one of _COLUMNS whose columns the schema holds
+    (only those are read). Pick-a-Pic v2 (19 columns): caption string (may be ""), jpg_0 / jpg_1 binary (JPEG), label_0 /
+    label_1 float64 (0.5 / 0.5 = tie), uids, urls, ...; GenAI-Bench (test_v1, 1,735 rows): prompt, left_model, right_model,
+    vote_type string, left_image / right_image struct<bytes: binary, path: string>. Image bytes are written once to
+    `<parquet stem>_images/<sha1>.<ext>` (reused on re-reads); a struct without bytes keeps its path (joined to the root)."""
+    import pyarrow.parquet as pq  # a requirement, imported here so that the JSON formats do not need it
     try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError(f"{path}: parquet needs pyarrow (pip install pyarrow), or export to JSONL") from None
-    img_dir, cols = os.path.splitext(path)[0] + "_images", ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's errors do not name the file
+        raise ValueError(f"{path}: unreadable parquet: {e}".splitlines()[0]) from None
+    names = pf.schema_arrow.names
+    fmt = fmt or next((f for f, cols in _COLUMNS.items() if set(cols) <= set(names)), None)
+    if fmt not in _COLUMNS or not set(_COLUMNS[fmt]) <= set(names):
+        raise ValueError(f"{path}: unknown parquet schema (columns {names}); expected the columns of one of {_COLUMNS}")
+    img_dir, recs = os.path.splitext(path)[0] + "_images", []
     os.makedirs(img_dir, exist_ok=True)
-    recs = [r for b in pq.ParquetFile(path).iter_batches(256, columns=cols) for r in b.to_pylist()]
-    for i, r in enumerate(recs):
-        for k in ("jpg_0", "jpg_1"):
-            b = _field(r, k, bytes, f"{path}: record {i}")
-            r[k] = os.path.join(img_dir, hashlib.sha1(b).hexdigest()[:20] + ".jpg")
-            if not os.path.exists(r[k]):
-                _atomic(r[k], lambda tmp: Path(tmp).write_bytes(b))
-    return recs
+    for i, r in enumerate(r for b in pf.iter_batches(256, columns=list(_COLUMNS[fmt])) for r in b.to_pylist()):
+        for k, v in r.items():  # image cells: bytes (Pick-a-Pic), or a struct {bytes, path} (GenAI-Bench)
+            if isinstance(v, dict):  # a struct: its bytes, or its path when it has none
+                v = _field(v, "path", str, f"{path}: record {i}: {k}") if v.get("bytes") is None else v["bytes"]
+            if isinstance(v, bytes):  # written once, reused on re-reads
+                ext = next((e for m, e in _MAGIC if v.startswith(m)), ".img")
+                r[k] = os.path.join(img_dir, hashlib.sha1(v).hexdigest()[:20] + ext)
+                if not os.path.exists(r[k]):
+                    _atomic(r[k], lambda tmp: Path(tmp).write_bytes(v))
+            else:
+                r[k] = v
+        recs.append(r)
+    return fmt, recs
 
 
 def _pairs_from(fmt, recs, path, root):
-    """Records of one format -> (canonical pairs, skip counts); image paths joined to root."""
-    pairs, skip = [], {"skipped_ties": 0, "skipped_bothbad": 0}
+    """Records of one format -> (canonical pairs, counts: see read_benchmark); image paths joined to root."""
+    pairs, count = [], {"skipped_ties": 0, "skipped_bothbad": 0, "empty_prompt_pairs": 0}
     for i, rec in enumerate(recs):
         w, group, found = f"{path}: record {i}", None, []  # found: [(chosen, rejected, label)]
         if not isinstance(rec, dict):
@@ -80,7 +96,7 @@ def _pairs_from(fmt, recs, path, root):
                 raise ValueError(f"{w}: {ik!r} (paths) and {rk!r} (numbers) must have equal length")
             for a, b in itertools.combinations(range(len(ims)), 2):
                 if rank[a] == rank[b]:
-                    skip["skipped_ties"] += 1
+                    count["skipped_ties"] += 1
                 else:  # lower rank = better
                     found.append((ims[a], ims[b], 1.0) if rank[a] < rank[b] else (ims[b], ims[a], 1.0))
         elif fmt == "hpdv3":  # path1 is always preferred; choice_dist (and more) may be null
@@ -92,10 +108,10 @@ def _pairs_from(fmt, recs, path, root):
         elif fmt == "pickapic":  # label_0/label_1 = vote shares; 0.5/0.5 ties dropped
             l0, l1 = _field(rec, "label_0", (int, float), w), _field(rec, "label_1", (int, float), w)
             j0, j1 = _field(rec, "jpg_0", str, w), _field(rec, "jpg_1", str, w)
-            if l0 < 0 or l1 < 0 or l0 + l1 <= 0:
+            if not (l0 >= 0 and l1 >= 0 and l0 + l1 > 0):  # written so that a NaN fails too
                 raise ValueError(f"{w}: invalid labels {l0!r}, {l1!r}")
             if l0 == l1:
-                skip["skipped_ties"] += 1
+                count["skipped_ties"] += 1
             else:
                 found.append((j0, j1, l0 / (l0 + l1)) if l0 > l1 else (j1, j0, l1 / (l0 + l1)))
         elif fmt == "genai":  # tie and both-bad votes are dropped, counted
@@ -105,41 +121,48 @@ def _pairs_from(fmt, recs, path, root):
             if vote in ("leftvote", "rightvote"):
                 found.append((lft, rgt, 1.0) if vote == "leftvote" else (rgt, lft, 1.0))
             else:
-                skip["skipped_ties" if vote == "tievote" else "skipped_bothbad"] += 1
+                count["skipped_ties" if vote == "tievote" else "skipped_bothbad"] += 1
         else:  # canonical JSONL: label optional (1.0), group optional
             label, group = rec.get("label", 1.0), rec.get("group")
             if not isinstance(label, (int, float)) or isinstance(label, bool) or not 0 <= label <= 1:
                 raise ValueError(f"{w}: 'label' must be a number in [0, 1] (got {label!r:.80})")
             found.append((_field(rec, "chosen", str, w), _field(rec, "rejected", str, w), label))
-        prompt = _field(rec, "caption" if fmt == "pickapic" else "prompt", str, w)
+        key = "caption" if fmt == "pickapic" else "prompt"
+        # An empty prompt is kept as the empty prompt, not skipped (Pick-a-Pic v2 has rows with caption ""): it is what
+        # the generator was asked and what the annotator judged, and the text encoders accept it. Counted, reported.
+        prompt = "" if rec.get(key) == "" else _field(rec, key, str, w)
+        count["empty_prompt_pairs"] += 0 if prompt else len(found)
         pairs += [{"prompt": prompt, "chosen": os.path.normpath(os.path.join(root, c)), "rejected":
                    os.path.normpath(os.path.join(root, r)), "label": float(lab), "group": group, "src": w}
                   for c, r, lab in found]
     groups = {}  # pairwise formats: group = index of the prompt (for per-prompt means)
     for p in pairs:
         p["group"] = groups.setdefault(p["prompt"], len(groups)) if p["group"] is None else p["group"]
-    return pairs, skip
+    return pairs, count
 
 
 def read_benchmark(path, fmt=None, image_root=None):
     """Any supported file -> (canonical pairs, info). fmt in FORMATS or None = auto-detect
-    (.parquet, else the keys of record 0). Relative image paths are joined to image_root
-    (default: the file's folder). info: file, format, records, pairs, skipped counts."""
+    (a parquet's columns, else the keys of record 0). Relative image paths are joined to image_root
+    (default: the file's folder). info: file, format, records, pairs, skipped_ties, skipped_bothbad (GenAI-Bench)
+    and empty_prompt_pairs (pairs kept with the empty prompt)."""
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"{path}: unknown format {fmt!r}, expected one of {FORMATS}")
-    recs = _read_parquet(path) if path.endswith(".parquet") else _load_records(path)
-    keys = recs[0] if isinstance(recs[0], dict) else {}  # auto-detect from the keys of record 0
+    with open(path, "rb") as fh:  # a parquet is known by its magic bytes, not its suffix; missing: FileNotFoundError
+        parquet = fh.read(4) == b"PAR1"
+    fmt, recs = _read_parquet(path, fmt) if parquet else (fmt, _load_records(path))
+    keys = recs[0] if recs and isinstance(recs[0], dict) else {}  # auto-detect from the keys of record 0
     fmt = fmt or next((f for k, f in _SIGNATURE.items() if k in keys), None)
     if fmt is None:
         raise ValueError(f"{path}: unknown pair format (record 0 keys {sorted(keys)}); pass fmt in {FORMATS}")
-    pairs, skip = _pairs_from(fmt, recs, path, os.path.dirname(os.path.abspath(path)) if image_root is None else image_root)
-    return pairs, {"file": path, "format": fmt, "records": len(recs), "pairs": len(pairs), **skip}
+    pairs, count = _pairs_from(fmt, recs, path, os.path.dirname(os.path.abspath(path)) if image_root is None else image_root)
+    return pairs, {"file": path, "format": fmt, "records": len(recs), "pairs": len(pairs), **count}
 
 
 def read_pairs(path, image_root=None, fmt=None):
-    """Training pairs from any supported file; skipped ties are counted and printed."""
+    """Training pairs from any supported file; read_benchmark's counts are printed when one is not zero."""
     pairs, info = read_benchmark(path, fmt, image_root)
-    if info["skipped_ties"] or info["skipped_bothbad"]:
+    if info["skipped_ties"] or info["skipped_bothbad"] or info["empty_prompt_pairs"]:
         print(", ".join(f"{k}: {v}" for k, v in info.items()))
     return pairs
 

@@ -14,7 +14,8 @@ From Python, two lines:
     Scorer("out/reward-toy-dina").score("a red circle on a white background", ["a.png", "b.png"])
 
 Protocol (DESIGN.md 7): every benchmark goes through its reader in data.py (annotator ties and GenAI
-both-bad votes skipped and counted) and through the one accuracy function, data.pairwise_accuracy:
+both-bad votes skipped and counted, pairs with an empty prompt kept and counted; the counts are printed
+and written per benchmark into results.json) and through the one accuracy function, data.pairwise_accuracy:
 correct iff r(chosen) > r(rejected) strictly, pooled over pairs, plus the per-prompt mean. Each benchmark
 is encoded once into a latent cache (unique images once, unique prompts once) with the checkpoint's VAE
 and text encoders. Noise: all images of one prompt get the same noise, seeded by (seed, prompt, repeat),
@@ -289,6 +290,7 @@ def main(args):
         acc = data.pairwise_accuracy(*pair_scores(cache, s))
         results[name] = dict(split=split, file=path, format=info["format"], records=info["records"],
                              skipped_ties=info["skipped_ties"], skipped_bothbad=info["skipped_bothbad"],
+                             empty_prompt_pairs=info["empty_prompt_pairs"],
                              dropped=info["pairs"] - len(cache), images=len(s), **acc)
         lines += rows(name, split, cache, paths, s, ts, "main")
 
@@ -309,11 +311,13 @@ def main(args):
     mem, mem_what = peak_memory()
     cost.update(images_per_s=cost["images"] / max(cost["seconds"], 1e-9), peak_memory_mb=mem / 2 ** 20,
                 peak_memory_kind=mem_what, batch=args.batch, device=sc.device)
-    print(f"\naccuracy at t = {','.join(map(str, ts))} (strict r+ > r-, annotator ties skipped):")
-    print(f"{'benchmark':<14}{'split':<10}{'format':<13}{'pairs':>7}{'skipped':>9}{'accuracy':>10}{'per-prompt':>12}{'prompts':>9}")
+    print(f"\naccuracy at t = {','.join(map(str, ts))} (strict r+ > r-; annotator ties and both-bad votes skipped, "
+          f"pairs with an empty prompt kept):")
+    print(f"{'benchmark':<14}{'split':<10}{'format':<13}{'pairs':>7}{'ties':>7}{'both-bad':>9}{'empty prompt':>13}"
+          f"{'accuracy':>10}{'per-prompt':>12}{'prompts':>9}")
     for name, r in results.items():
-        print(f"{name:<14}{r['split']:<10}{r['format']:<13}{r['pairs']:>7}{r['skipped_ties'] + r['skipped_bothbad']:>9}"
-              f"{100 * r['acc']:>9.2f}%{100 * r['per_prompt_acc']:>11.2f}%{r['prompts']:>9}")
+        print(f"{name:<14}{r['split']:<10}{r['format']:<13}{r['pairs']:>7}{r['skipped_ties']:>7}{r['skipped_bothbad']:>9}"
+              f"{r['empty_prompt_pairs']:>13}{100 * r['acc']:>9.2f}%{100 * r['per_prompt_acc']:>11.2f}%{r['prompts']:>9}")
     for name, r in results.items():
         if r["dropped"]:
             print(f"note: {name}: {r['dropped']} of {r['pairs'] + r['dropped']} pairs dropped (unreadable images with "

@@ -1,7 +1,10 @@
 """CPU tests for data.py: readers, buckets, cache round trip."""
+import hashlib
+import io
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,12 +85,131 @@ def test_reader_errors(tmp_path):
         data.read_benchmark(str(tmp_path / "empty.json"))
     with pytest.raises(FileNotFoundError, match="nope.json"):
         data.read_benchmark(str(tmp_path / "nope.json"))
-    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")  # the magic bytes, no footer
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        with pytest.raises(ImportError, match="pip install pyarrow"):
+        with pytest.raises(ImportError, match="pyarrow"):  # a requirement: say which module is missing
             data.read_benchmark(str(tmp_path / "x.parquet"))
+    else:
+        with pytest.raises(ValueError, match="x.parquet: unreadable parquet"):
+            data.read_benchmark(str(tmp_path / "x.parquet"))
+
+
+# ----------------------------------------------------------------------------- the parquet files as published
+def encoded(color, fmt="PNG", size=32):
+    """The encoded bytes of a small flat-coloured image (distinguishable: one colour per image)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def pickapic_parquet(path, rows):
+    """Pick-a-Pic v2 with all 19 columns and their arrow types. rows: [(caption, jpg_0 bytes, jpg_1 bytes, label_0)],
+    label_1 = 1 - label_0; a 0.5 / 0.5 tie has best_image_uid "none", as published."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    schema = pa.schema([("are_different", pa.bool_()), ("best_image_uid", pa.string()), ("caption", pa.string()),
+                        ("created_at", pa.timestamp("ns")), ("has_label", pa.bool_()), ("image_0_uid", pa.string()),
+                        ("image_0_url", pa.string()), ("image_1_uid", pa.string()), ("image_1_url", pa.string()),
+                        ("jpg_0", pa.binary()), ("jpg_1", pa.binary()), ("label_0", pa.float64()), ("label_1", pa.float64()),
+                        ("model_0", pa.string()), ("model_1", pa.string()), ("ranking_id", pa.int64()),
+                        ("user_id", pa.int64()), ("num_example_per_prompt", pa.int64()), ("__index_level_0__", pa.int64())])
+    cols = {k: [] for k in schema.names}
+    for i, (caption, j0, j1, l0) in enumerate(rows):
+        uids = (f"uid-{i}-0", f"uid-{i}-1")
+        best = "none" if l0 is None or l0 == 0.5 else uids[0 if l0 > 0.5 else 1]
+        for k, v in zip(schema.names, (j0 != j1, best, caption, 1_683_000_000_000_000_000 + i, True, uids[0],
+                                       f"https://x/{uids[0]}.png", uids[1], f"https://x/{uids[1]}.png", j0, j1,
+                                       l0, None if l0 is None else 1 - l0, "sdxl", "sd-2.1", 100 + i, 7, 2, i)):
+            cols[k].append(v)
+    pq.write_table(pa.table(cols, schema=schema), str(path))
+    return str(path)
+
+
+def genai_parquet(path, rows):
+    """GenAI-Bench image preference with its 6 columns and arrow types. rows: [(prompt, left, right, vote_type)],
+    left / right an image struct {bytes, path}: encoded bytes (path: the original file name), or (None, path)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema([("prompt", pa.string()), ("left_model", pa.string()), ("left_image", image),
+                        ("right_model", pa.string()), ("right_image", image), ("vote_type", pa.string())])
+    cell = lambda im, i: {"bytes": None, "path": im[1]} if isinstance(im, tuple) else {"bytes": im, "path": f"{i}.png"}
+    table = pa.table({"prompt": [r[0] for r in rows], "left_model": ["dalle3"] * len(rows),
+                      "left_image": [cell(r[1], i) for i, r in enumerate(rows)], "right_model": ["sdxl"] * len(rows),
+                      "right_image": [cell(r[2], i) for i, r in enumerate(rows)], "vote_type": [r[3] for r in rows]},
+                     schema=schema)
+    pq.write_table(table, str(path))
+    return str(path)
+
+
+def test_pickapic_v2_parquet(tmp_path):
+    """All 19 columns; a tie (skipped, counted), an empty caption (kept as the empty prompt, counted); the chosen
+    image is the one with the higher label, whatever its side; each image's bytes are written once and reused.
+    The format comes from the columns: the file has no .parquet suffix."""
+    red, blue, green, white = (encoded(c, "JPEG") for c in ("red", "blue", "green", "white"))
+    f = pickapic_parquet(tmp_path / "test-00000-of-00001.data", [
+        ("a red cat", red, blue, 1.0), ("a green dog", blue, green, 0.0), ("", white, red, 0.0),
+        ("a tie", green, white, 0.5), ("a red cat", red, green, 1.0)])
+    pairs, info = data.read_benchmark(f)
+    assert (info["format"], info["records"], info["pairs"], info["skipped_ties"], info["empty_prompt_pairs"]) == \
+        ("pickapic", 5, 4, 1, 1)
+    assert [(p["prompt"], Path(p["chosen"]).read_bytes(), Path(p["rejected"]).read_bytes()) for p in pairs] == [
+        ("a red cat", red, blue), ("a green dog", green, blue), ("", red, white), ("a red cat", red, green)]
+    assert [p["label"] for p in pairs] == [1.0] * 4 and [p["src"].split(": ")[1] for p in pairs] == \
+        ["record 0", "record 1", "record 2", "record 4"]
+    assert [p["group"] for p in pairs] == [0, 1, 2, 0]
+    img_dir = tmp_path / "test-00000-of-00001_images"
+    names = sorted(hashlib.sha1(b).hexdigest()[:20] + ".jpg" for b in (red, blue, green, white))
+    assert sorted(os.listdir(img_dir)) == names  # 10 image cells, 4 distinct images: <sha1 of bytes>.<ext>
+    for p in img_dir.iterdir():  # a re-read writes nothing: same files, same times
+        os.utime(p, ns=(1, 1))
+    assert data.read_benchmark(f)[0] == pairs
+    assert len(os.listdir(img_dir)) == 4 and all(p.stat().st_mtime_ns == 1 for p in img_dir.iterdir())
+
+
+def test_genai_bench_parquet(tmp_path):
+    """Image structs {bytes, path}; leftvote / rightvote orient the pair, tievote and bothbad_vote are skipped and
+    counted apart (as in the JSON reader); a struct without bytes is its path, joined to the image root."""
+    red, blue, green = (encoded(c) for c in ("red", "blue", "green"))
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "imgs" / "w.png")
+    f = genai_parquet(tmp_path / "genai_bench_test_v1.parquet", [
+        ("p0", red, blue, "leftvote"), ("p1", red, blue, "rightvote"), ("p2", red, green, "tievote"),
+        ("p3", blue, green, "bothbad_vote"), ("p4", (None, "imgs/w.png"), green, "rightvote"),
+        ("p5", (None, "imgs/w.png"), green, "leftvote")])
+    pairs, info = data.read_benchmark(f)
+    assert (info["format"], info["records"], info["pairs"], info["skipped_ties"], info["skipped_bothbad"],
+            info["empty_prompt_pairs"]) == ("genai", 6, 4, 1, 1, 0)
+    assert [(p["prompt"], Path(p["chosen"]).read_bytes(), Path(p["rejected"]).read_bytes()) for p in pairs] == [
+        ("p0", red, blue), ("p1", blue, red), ("p4", green, (tmp_path / "imgs/w.png").read_bytes()),
+        ("p5", (tmp_path / "imgs/w.png").read_bytes(), green)]
+    assert pairs[3]["chosen"] == str(tmp_path / "imgs/w.png")
+    assert data.read_benchmark(f, image_root="/elsewhere")[0][3]["chosen"] == "/elsewhere/imgs/w.png"
+    assert sorted(p.suffix for p in (tmp_path / "genai_bench_test_v1_images").iterdir()) == [".png"] * 3
+
+
+def test_parquet_errors(tmp_path):
+    """Unknown schema: one line naming the file and its columns, no image written; a malformed row: one line naming
+    the file and the row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": ["a"], "image": [encoded("red")]}), str(tmp_path / "other.parquet"))
+    with pytest.raises(ValueError, match=r"other.parquet: unknown parquet schema \(columns \['text', 'image'\]\)"):
+        data.read_benchmark(str(tmp_path / "other.parquet"))
+    assert not (tmp_path / "other_images").exists()
+    red = encoded("red", "JPEG")
+    for rows, match in (([("c", red, red, 1.0), ("c", red, None, 1.0)], r"pap.parquet: record 1: missing or invalid 'jpg_1'"),
+                        ([("c", red, red, float("nan"))], r"pap.parquet: record 0: invalid labels nan"),
+                        ([("c", red, red, None)], r"pap.parquet: record 0: missing or invalid 'label_0'"),
+                        ([("c", red, red, 1.0), (None, red, red, 1.0)], r"pap.parquet: record 1: missing or invalid 'caption'")):
+        with pytest.raises(ValueError, match=match):
+            data.read_benchmark(pickapic_parquet(tmp_path / "pap.parquet", rows))
+    for rows, match in (([("p", red, (None, None), "leftvote")], r"g.parquet: record 0: right_image: missing or invalid 'path'"),
+                        ([("p", red, red, "leftvote"), ("p", red, red, "maybe")], r"g.parquet: record 1: unknown vote_type")):
+        with pytest.raises(ValueError, match=match):
+            data.read_benchmark(genai_parquet(tmp_path / "g.parquet", rows))
 
 
 def test_load_image_errors(tmp_path):

@@ -2,6 +2,7 @@
 one benchmark file in each real format (ranked groups and rankings with ties, votes with tie / both-bad,
 Pick-a-Pic ties). The accuracy is recomputed independently from the per-pair JSONL, the pair counts are
 checked by hand, and the bad-input cases of DESIGN.md 12 leave no results behind."""
+import io
 import json
 import subprocess
 import sys
@@ -206,6 +207,55 @@ def test_bad_input(world, tmp_path):
     r = subprocess.run([sys.executable, "eval_reward.py", "--ckpt", str(world / "ckpt"), "--bench",
                         f"w={world / 'wrong.json'}", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "wrong.json: unknown pair format" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_published_parquet_files(world, tmp_path, capsys):
+    """Pick-a-Pic v2 (all 19 columns, JPEG bytes, a tie, an empty caption) and GenAI-Bench (image structs, PNG
+    bytes, all four votes) parquet files read end to end: counts in the table and in results.json, each pair's chosen
+    file holds the preferred image's bytes, an empty prompt is scored, images are written once."""
+    from test_data import genai_parquet, pickapic_parquet
+    ims = {n: (world / f"img/{n}.png").read_bytes() for n in ("a0", "a4", "b0", "b3")}  # PNG toy images
+    jpg = {n: encoded_jpeg(world / f"img/{n}.png") for n in ("a1", "a3", "b1", "b2")}
+    pickapic_parquet(tmp_path / "pickapic_v2_test.parquet", [
+        (P1, jpg["a1"], jpg["a3"], 1.0), (P2, jpg["b1"], jpg["b2"], 0.0), ("", jpg["a3"], jpg["b1"], 1.0),
+        (P2, jpg["b2"], jpg["a1"], 0.5)])  # 3 pairs, 1 tie, 1 empty caption
+    genai_parquet(tmp_path / "genai_bench_test_v1.parquet", [
+        (P1, ims["a0"], ims["a4"], "leftvote"), (P1, ims["a0"], ims["a4"], "rightvote"), (P1, ims["a0"], ims["a4"], "tievote"),
+        (P1, ims["a0"], ims["a4"], "bothbad_vote"), (P2, ims["b3"], ims["b0"], "rightvote")])  # as genai.jsonl: 3 pairs
+    benches = {"pickapic": ("pickapic_v2_test.parquet",), "genai-bench": ("genai_bench_test_v1.parquet",)}
+    bench = [x for n, v in benches.items() for x in ("--bench", f"{n}/test={tmp_path / v[0]}")]
+    args = ["--ckpt", str(world / "ckpt"), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), *bench]
+    res = eval_reward.main(eval_reward.parser.parse_args(args))["benchmarks"]
+    text = capsys.readouterr().out
+    got = {n: [res[n][k] for k in ("format", "records", "pairs", "skipped_ties", "skipped_bothbad", "empty_prompt_pairs")]
+           for n in res}
+    assert got == {"pickapic": ["pickapic", 4, 3, 1, 0, 1], "genai-bench": ["genai", 5, 3, 1, 1, 0]}
+    assert json.loads((tmp_path / "out/results.json").read_text())["benchmarks"]["pickapic"]["empty_prompt_pairs"] == 1
+    assert f"{'pickapic':<14}test      {'pickapic':<13}{3:>7}{1:>7}{0:>9}{1:>13}" in text
+    assert f"{'genai-bench':<14}test      {'genai':<13}{3:>7}{1:>7}{1:>9}{0:>13}" in text
+    rows = [(l["benchmark"], l["prompt"], Path(l["chosen"]).read_bytes(), Path(l["rejected"]).read_bytes())
+            for l in lines(tmp_path / "out")]
+    assert rows == [("pickapic", P1, jpg["a1"], jpg["a3"]), ("pickapic", P2, jpg["b2"], jpg["b1"]),
+                    ("pickapic", "", jpg["a3"], jpg["b1"]), ("genai-bench", P1, ims["a0"], ims["a4"]),
+                    ("genai-bench", P1, ims["a4"], ims["a0"]), ("genai-bench", P2, ims["b0"], ims["b3"])]
+    assert all(np.isfinite([l["r_chosen"], l["r_rejected"]]).all() for l in lines(tmp_path / "out"))
+    written = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*_images/*")}
+    assert sorted(p.suffix for p in written) == [".jpg"] * 4 + [".png"] * 4
+    first = lines(tmp_path / "out")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"caption": ["c"], "image": [jpg["a1"]]}), str(tmp_path / "other.parquet"))
+    with pytest.raises(ValueError, match=r"other.parquet: unknown parquet schema \(columns \['caption', 'image'\]\)"):
+        eval_reward.main(eval_reward.parser.parse_args([*args, "--bench", f"x={tmp_path / 'other.parquet'}"]))
+    eval_reward.main(eval_reward.parser.parse_args(args))  # a second run reuses the image files and the caches
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*_images/*")} == written and lines(tmp_path / "out") == first
+
+
+def encoded_jpeg(png):
+    """The JPEG bytes of an image file (Pick-a-Pic v2 stores JPEG)."""
+    buf = io.BytesIO()
+    Image.open(png).convert("RGB").save(buf, format="JPEG")
+    return buf.getvalue()
 
 
 def test_toy_default_benchmarks(world, tmp_path, monkeypatch, capsys):
