@@ -108,6 +108,9 @@ def resolve_args(args):
     if not 0 <= lo < hi <= args.steps:
         raise ValueError(f"--train-steps {lo},{hi} is outside the {args.steps}-step schedule [0, {args.steps})")
     args.train_steps = (lo, hi)
+    if args.sde_type == "cps" and hi == args.steps:
+        raise ValueError("--train-last / --train-steps with --sde-type cps: CPS's last step has no noise (its children "
+                         "are equal), so it has no log-probability to train")
     if args.backbone == "toy":
         args.reward = args.reward or ["out/reward-toy-dina"]
         args.prompts = args.prompts or "out/toy/prompts_train.txt"
