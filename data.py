@@ -69,21 +69,19 @@ def _read_parquet(path, fmt=None):
     for i, r in enumerate(r for b in pf.iter_batches(256, columns=list(_COLUMNS[fmt])) for r in b.to_pylist()):
         for k, v in r.items():  # image cells: bytes (Pick-a-Pic), or a struct {bytes, path} (GenAI-Bench)
             if isinstance(v, dict):  # a struct: its bytes, or its path when it has none
-                v = _field(v, "path", str, f"{path}: record {i}: {k}") if v.get("bytes") is None else v["bytes"]
+                r[k] = v = _field(v, "path", str, f"{path}: record {i}: {k}") if v.get("bytes") is None else v["bytes"]
             if isinstance(v, bytes):  # written once, reused on re-reads
                 ext = next((e for m, e in _MAGIC if v.startswith(m)), ".img")
                 r[k] = os.path.join(img_dir, hashlib.sha1(v).hexdigest()[:20] + ext)
                 if not os.path.exists(r[k]):
                     _atomic(r[k], lambda tmp: Path(tmp).write_bytes(v))
-            else:
-                r[k] = v
         recs.append(r)
     return fmt, recs
 
 
 def _pairs_from(fmt, recs, path, root):
     """Records of one format -> (canonical pairs, counts: see read_benchmark); image paths joined to root."""
-    pairs, count = [], {"skipped_ties": 0, "skipped_bothbad": 0, "empty_prompt_pairs": 0}
+    pairs, groups, count = [], {}, {"skipped_ties": 0, "skipped_bothbad": 0, "empty_prompt_pairs": 0}
     for i, rec in enumerate(recs):
         w, group, found = f"{path}: record {i}", None, []  # found: [(chosen, rejected, label)]
         if not isinstance(rec, dict):
@@ -132,12 +130,11 @@ def _pairs_from(fmt, recs, path, root):
         # the generator was asked and what the annotator judged, and the text encoders accept it. Counted, reported.
         prompt = "" if rec.get(key) == "" else _field(rec, key, str, w)
         count["empty_prompt_pairs"] += 0 if prompt else len(found)
+        if group is None and found:  # pairwise formats: group = index of the prompt (for per-prompt means)
+            group = groups.setdefault(prompt, len(groups))
         pairs += [{"prompt": prompt, "chosen": os.path.normpath(os.path.join(root, c)), "rejected":
                    os.path.normpath(os.path.join(root, r)), "label": float(lab), "group": group, "src": w}
                   for c, r, lab in found]
-    groups = {}  # pairwise formats: group = index of the prompt (for per-prompt means)
-    for p in pairs:
-        p["group"] = groups.setdefault(p["prompt"], len(groups)) if p["group"] is None else p["group"]
     return pairs, count
 
 
@@ -228,12 +225,18 @@ def _atomic(path, write):  # write(tmp) then rename: a killed run never leaves a
     os.replace(path + ".tmp", path)
 
 
+def _group(items):  # [(key, value)] -> {key: [values]}, keys in order of first appearance
+    out = {}
+    for k, v in items:
+        out.setdefault(k, []).append(v)
+    return out
+
+
 def _check(t, ndim, n, what):  # encoder outputs: a finite (n, ...) tensor of ndim dims
     if not (isinstance(t, torch.Tensor) and t.ndim == ndim and len(t) == n and torch.isfinite(t).all()):
         raise ValueError(f"{what}: encoder returned {getattr(t, 'shape', type(t))}, expected finite {ndim}-D, batch {n}")
 
 
-@torch.no_grad()
 def given_latents(root):
     """{path under root: (C,h,w)} from root/image_latents.safetensors if it exists (keys relative to root), else {}:
     a generator's own latents of its samples (the toy world writes them). build_cache stores these as given instead of
@@ -245,6 +248,7 @@ def given_latents(root):
         return {os.path.normpath(os.path.join(root, k)): h.get_tensor(k) for k in h.keys()}
 
 
+@torch.no_grad()
 def build_cache(pairs, image_root, out_dir, encode_images, encode_prompts, buckets, rank=0,
                 world_size=1, batch_size=16, skip_bad=False, dtype=torch.float32, shard_size=1024, given=None):
     """Encode this rank's share (every world_size-th, sorted) of the unique images and prompts,
@@ -394,19 +398,15 @@ class PairCache:
             p = self.pairs[i]
             pos.append(rows.setdefault((u, p["chosen"], p["prompt"]), len(rows)))
             neg.append(rows.setdefault((u, p["rejected"], p["prompt"]), len(rows)))
-        return {"lat": torch.stack([self.tensor(self.lat[k], k) for _, k, _ in rows]),
-                "prompt_embeds": torch.stack([self.tensor(self.txt[q], q + ".embeds") for _, _, q in rows]),
-                "pooled": torch.stack([self.tensor(self.txt[q], q + ".pooled") for _, _, q in rows]),
-                "unit": torch.tensor([u for u, _, _ in rows]), "pos": torch.tensor(pos), "neg": torch.tensor(neg),
+        lat, embeds, pooled = self.image_batch([(k, q) for _, k, q in rows])
+        return {"lat": lat, "prompt_embeds": embeds, "pooled": pooled, "unit": torch.tensor([u for u, _, _ in rows]),
+                "pos": torch.tensor(pos), "neg": torch.tensor(neg),
                 "label": torch.tensor([self.pairs[i]["label"] for ids in units for i in ids], dtype=torch.float32)}
 
     def images(self):
         """Every (image key, prompt key) of the pairs once, by latent shape: {shape: [items]} (scoring unique images)."""
         items = {(p[k], p["prompt"]): tuple(p["shape"]) for p in self.pairs for k in ("chosen", "rejected")}
-        out = {}
-        for it, shape in sorted(items.items()):
-            out.setdefault(shape, []).append(it)
-        return out
+        return _group((shape, it) for it, shape in sorted(items.items()))
 
     def image_batch(self, items):
         """[(image key, prompt key)] of one shape -> lat (B,C,h,w), prompt_embeds (B,L,D), pooled (B,P)."""
@@ -426,27 +426,19 @@ class PairCache:
             return x
         for i in range(len(self.pairs)):
             parent[find(node(i, "chosen"))] = find(node(i, "rejected"))
-        out = {}
-        for i in range(len(self.pairs)):
-            out.setdefault(find(node(i, "chosen")), []).append(i)
-        return list(out.values())
+        return list(_group((find(node(i, "chosen")), i) for i in range(len(self.pairs))).values())
 
     def buckets(self):
         """-> {"CxHxW": [pair indices]}, so the trainer never mixes buckets in a batch."""
-        out = {}
-        for i, p in enumerate(self.pairs):
-            out.setdefault("x".join(map(str, p["shape"])), []).append(i)
-        return out
+        return _group(("x".join(map(str, p["shape"])), i) for i, p in enumerate(self.pairs))
+
 
 # ----------------------------------------------------------------------------- figures
-
-
 def save_curves(path, panels):
     """panels [(title, xlabel, {name: (xs, ys)})] -> one PNG, the panels side by side (matplotlib, Agg), written atomically."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    from matplotlib.figure import Figure  # not pyplot: the process's backend is left alone, no figure to close
+    fig = Figure(figsize=(5 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, xlabel, series) in zip(axes[0], panels):
         for name, (xs, ys) in series.items():
             ax.plot(xs, ys, marker="o", label=name)
@@ -455,4 +447,3 @@ def save_curves(path, panels):
         ax.legend()
     fig.tight_layout()
     _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
