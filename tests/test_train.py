@@ -135,6 +135,9 @@ def test_toy_recipe_fills_only_flags_not_given():
     assert (a.t_shift, a.t_eval, a.steps, a.lr_schedule) == (1.0, 0.4, 20000, "cosine")
     a = train_reward.resolve_args(train_reward.parse(["--backbone", "sd35m"]))
     assert (a.t_shift, a.t_eval, a.steps, a.lr_schedule, a.lora_rank) == (1.0, 0.4, 20000, "constant", 16)
+    assert a.lora_alpha == 32  # dina: LoRA scale 2, as the released DiNa-LRM's 128 / 64; other heads: scale 1
+    assert train_reward.resolve_args(train_reward.parse(["--backbone", "sd35m", "--head", "drm"])).lora_alpha == 16
+    assert train_reward.resolve_args(train_reward.parse(["--backbone", "sd35m", "--lora-alpha", "5"])).lora_alpha == 5
     a = train_reward.resolve_args(train_reward.parse(["--backbone", "tiny"]))  # tests' backbone: DiNa's noise levels
     assert (a.t_shift, a.t_eval, a.steps, a.batching, a.full_finetune) == (1.0, 0.4, 600, "pairs", False)
 
