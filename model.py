@@ -18,10 +18,10 @@ RewardModel, the flow-matching math (noising, sigmas, the sampler: sde_step, cps
 the checkpoint I/O.
 Stages (train_reward.py, eval_reward.py, ...) import from here.
 
-The dina head is the released DiNa-LRM's architecture (liuhuohuo/DiNa-LRM-SD35M-12layers), with its parameter names, and
-load_reward_model reads that folder as well as our checkpoints; export_released writes ours in its layout. Citations
-RH, INF, SD3RM, ENG are files of the authors' code (HKUST-C4G/diffusion-rm af485b4): diffusion_rm/models/reward_head.py,
-diffusion_rm/infer/inference.py, diffusion_rm/models/sd3_rm.py, diffusion_rm/train/engine.py.
+The dina head is the released DiNa-LRM's architecture (liuhuohuo/DiNa-LRM-SD35M-12layers), with its parameter names;
+load_reward_model reads that folder (through released.py, which also writes ours in its layout) as well as our
+checkpoints. Citations RH and INF are files of the authors' code (HKUST-C4G/diffusion-rm af485b4):
+diffusion_rm/models/reward_head.py and diffusion_rm/infer/inference.py.
 
 Deviations from the papers / released code (honest notes):
 - thurstone_loss uses sigma_u**2 = 0.01 as the variance floor (the paper); the released DiNa
