@@ -23,7 +23,7 @@ model.SCORE_NORMALISATIONS (eval_reward.py and the alignment stages: --score-nor
 Citations: files of HKUST-C4G/diffusion-rm at af485b4: RH diffusion_rm/models/reward_head.py, SD3RM
 diffusion_rm/models/sd3_rm.py, ENG diffusion_rm/train/engine.py, TR scripts/train_sd3.py, INF diffusion_rm/infer/inference.py.
 Deviation from DESIGN.md's layout (checkpoint I/O in model.py): a module of its own, because model.py's budget (800
-lines with every stage) has no room for these 150 lines next to the new head.
+lines with every stage) has no room for these 160 lines next to the new head.
 """
 
 import json
@@ -49,14 +49,15 @@ def lora_names(tap):
     return {n: "base_model.model.transformer_" + n.replace(".default.", ".") for n in tap.state_dict() if "lora_" in n}
 
 
-def sigma_grid(shift=3.0):
-    """The 1000 sigmas the released model was trained and is read at: the scheduler as constructed, never
-    set_timesteps (INF:70-71, TR:73): sigma = 3 s / (1 + 2 s) for s = 1, 0.999, ..., 0.001; timestep = 1000 sigma."""
+def sigma_grid():
+    """The 1000 sigmas the released model was trained and is read at: SD3.5-M's scheduler (shift 3) as constructed,
+    never set_timesteps (INF:70-71, TR:73): sigma = 3 s / (1 + 2 s) for s = 1, 0.999, ..., 0.001; timestep = 1000 sigma."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-    return FlowMatchEulerDiscreteScheduler(shift=shift).sigmas.float()
+    return FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas.float()
 
 
 def need(path):
+    """path, or a one-line error saying what the folder should hold."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: not found (a released DiNa-LRM folder holds config.json, checkpoint/rm_head.pt "
                                 "and checkpoint/backbone_lora/)")
