@@ -152,9 +152,10 @@ def truncate_log(path, it):
         open(path, "w").writelines(keep)
 
 
-def load_rewards(paths, weights, transformer, t=None, device="cpu", oracle_ok=False):
-    """The alignment stages' frozen rewards: train_reward.py checkpoints (EMA weights) checked against the generator they
-    judge (its latent channels and prompt-embedding widths), or "oracle" (the toy's golden oracle, decoded; the ceiling).
+def load_rewards(paths, weights, transformer, t=None, device="cpu", oracle_ok=False, normalisation="raw"):
+    """The alignment stages' frozen rewards: train_reward.py checkpoints (EMA weights) or released DiNa-LRM folders,
+    checked against the generator they judge (its latent channels and prompt-embedding widths), or "oracle" (the toy's
+    golden oracle, decoded; the ceiling). normalisation: what the latent rewards return (model.SCORE_NORMALISATIONS).
     -> [dict(name, model (None: oracle), t: the noise level it reads (its checkpoint's t_eval unless t), weight,
     text_len, t_range: the noise levels it was trained on, (t*, t*) for --t-sampling fixed)]."""
     out = []
@@ -164,7 +165,7 @@ def load_rewards(paths, weights, transformer, t=None, device="cpu", oracle_ok=Fa
                 raise ValueError("--reward oracle is the toy world's golden oracle; it needs --backbone toy")
             out.append(dict(name=path, model=None, t=None, weight=w, text_len=None, t_range=None))
             continue
-        reward, meta = load_reward_model(path if path.endswith(".safetensors") else os.path.join(path, "ckpt.safetensors"))
+        reward, meta = load_reward_model(path, normalisation=normalisation)
         mine, gen = reward.tap.config, transformer.config
         for key in ("in_channels", "joint_attention_dim", "pooled_projection_dim"):
             if getattr(mine, key) != getattr(gen, key):

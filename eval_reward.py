@@ -9,6 +9,10 @@ One process (torchrun is not needed: scoring a benchmark is small next to traini
     python eval_reward.py --ckpt out/reward-sd35m-dina --bench hpdv3/test=/data/HPDv3/test.json \
         --image-root /data/HPDv3                                      # NAME[/SPLIT]=PATH, repeatable
     python eval_reward.py --ckpt out/reward-toy-dina --prompt "a red circle on a white background" a.png b.png
+The released DiNa-LRM (its folder: config.json + checkpoint/, released.py) scores the same way, and a dina
+checkpoint of ours is written in its layout for the authors' own reader:
+    python eval_reward.py --ckpt /path/to/DiNa-LRM-SD35M-12layers --score-normalisation plus10 --bench ...
+    python eval_reward.py --ckpt out/reward-sd35m-dina --export-released out/reward-sd35m-dina-released
 From Python, two lines:
     from eval_reward import Scorer
     Scorer("out/reward-toy-dina").score("a red circle on a white background", ["a.png", "b.png"])
@@ -45,7 +49,8 @@ import numpy as np
 import torch
 
 import data
-from model import load_pipeline, load_reward_model, make_encoders, prompt_noise
+import released
+from model import SCORE_NORMALISATIONS, checkpoint_file, load_pipeline, load_reward_model, make_encoders, prompt_noise
 
 
 def floats(s):
@@ -54,9 +59,14 @@ def floats(s):
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 # checkpoint
-parser.add_argument("--ckpt", required=True, help="checkpoint file, or the folder holding ckpt.safetensors")
+parser.add_argument("--ckpt", required=True, help="checkpoint file, the folder holding ckpt.safetensors, or a released "
+                    "DiNa-LRM folder (config.json + checkpoint/)")
 parser.add_argument("--head", default=None, help="require this head (dina | drm | ditr): clear error on a mismatch")
 parser.add_argument("--backbone", default=None, help="require this backbone (tiny | toy | sd35m | sd35l)")
+parser.add_argument("--score-normalisation", default="raw", choices=list(SCORE_NORMALISATIONS), help="the scores written: "
+                    "raw | plus10 = (raw + 10) / 10 (the released DiNa-LRM's demos) | plus12 = (raw + 12) / 10 (its GRPO)")
+parser.add_argument("--export-released", default=None, metavar="DIR", help="write this dina checkpoint in the released "
+                    "DiNa-LRM layout into the new folder DIR (for the authors' reader) and exit")
 # benchmarks (default for the toy backbone: the six toy benchmarks in out/toy)
 parser.add_argument("--bench", action="append", default=None, metavar="NAME[/SPLIT]=PATH",
                     help="benchmark file in any format of DESIGN.md 7 (auto-detected); repeatable")
@@ -85,10 +95,6 @@ TOY_BENCH = [("hpdv3", "test", "test.json"), ("hpdv2", "test", "bench/hpdv2_test
              ("generated", "test", "bench/generated.json")]  # on-policy: K samples of the toy generator per prompt, ranked
 
 # ----------------------------------------------------------------------------- pure helpers
-
-
-def ckpt_file(path):
-    return os.path.join(path, "ckpt.safetensors") if os.path.isdir(path) else path
 
 
 def parse_benches(specs, image_root, backbone, toy_dir=TOY_DIR):
@@ -164,9 +170,9 @@ class Scorer:
     """A checkpoint ready to score: EMA weights, its noise level(s), its VAE and text encoders (loaded on
     first use), its resolution buckets. Scorer(ckpt).score(prompt, [paths or PIL images]) -> [floats]."""
 
-    def __init__(self, ckpt, t=None, ensemble=None, seed=0, device=None, expect=None):
-        self.path = ckpt_file(ckpt)
-        self.model, self.meta = load_reward_model(self.path, expect=expect)
+    def __init__(self, ckpt, t=None, ensemble=None, seed=0, device=None, expect=None, normalisation="raw"):
+        self.path = checkpoint_file(ckpt)
+        self.model, self.meta = load_reward_model(self.path, expect=expect, normalisation=normalisation)
         self.a, self.seed, self._enc = self.meta["args"], seed, None
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
@@ -243,10 +249,18 @@ def open_cache(sc, name, path, root, cache_dir=None, skip_bad=False, batch=32):
 
 def main(args):
     # -------------------------------------------------------------------------- checkpoint (EMA weights), noise levels
-    sc = Scorer(args.ckpt, args.t, args.ensemble, args.seed, expect={"head": args.head, "backbone": args.backbone})
+    sc = Scorer(args.ckpt, args.t, args.ensemble, args.seed, expect={"head": args.head, "backbone": args.backbone},
+                normalisation=args.score_normalisation)
     a, ts = sc.a, list(sc.ts)
+    if args.export_released:
+        released.export(sc.model, sc.meta, args.export_released)
+        print(f"wrote {args.export_released}: config.json and checkpoint/, the released DiNa-LRM's layout")
+        return None
+    snapped = ""
+    if sc.model.t_grid is not None:  # a released DiNa-LRM reads the nearest sigma of its training grid
+        snapped = f" (read at {','.join(f'{sc.model.snap(t):.6f}' for t in ts)})"
     print(f"{a['head']} on {a['backbone']}, step {sc.meta.get('step')} ({sc.path}, EMA weights if saved); "
-          f"t = {','.join(map(str, ts))}{' (ensemble)' if len(ts) > 1 else ''}; seed {args.seed}; device {sc.device}")
+          f"t = {','.join(map(str, ts))}{snapped}{' (ensemble)' if len(ts) > 1 else ''}; seed {args.seed}; device {sc.device}")
 
     # -------------------------------------------------------------------------- score your own images
     if args.prompt is not None or args.images:
@@ -339,7 +353,7 @@ def main(args):
           f"{cost['peak_memory_mb']:.0f} MiB ({mem_what})")
 
     # -------------------------------------------------------------------------- write (atomic; after every benchmark was scored)
-    out = args.out or os.path.dirname(os.path.abspath(sc.path))
+    out = args.out or (sc.path if os.path.isdir(sc.path) else os.path.dirname(os.path.abspath(sc.path)))
     os.makedirs(out, exist_ok=True)
     save_atomic(os.path.join(out, "scores.jsonl"), lambda tmp: Path(tmp).write_text("".join(json.dumps(l) + "\n" for l in lines)))
     if args.sweep_t:
@@ -355,5 +369,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parser.parse_args())
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: one line naming the file
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:  # bad input: one line naming the file
         sys.exit(f"eval_reward.py: error: {e}")

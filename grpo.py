@@ -23,7 +23,8 @@ gained +0.006 +- 0.004 at lr 1e-3 in 24 iterations. README: past 24 iterations t
 Deviations (honest notes): log-probs are the true Gaussian log-density (DESIGN.md 6), so --clip-range on CPS is not on
 the scale of the released DiNa/Flow-GRPO CPS code; gradients are all-reduced by hand after each update's backward
 passes (LoRA tensors are small) instead of DDP; the EMA is stepped after every optimizer step (Flow-GRPO: every 8).
-DiNa's reward normalisation (raw + 12) / 10 is affine, so group advantages do not change and it is not applied.
+DiNa's reward normalisation (raw + 12) / 10 is affine, so group advantages barely change (only the 1e-4 added to the
+std); it is applied with --score-normalisation plus12, and not by default.
 """
 
 import argparse
@@ -37,16 +38,18 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import align
-from model import SDE_STEPS, grpo_loss, load_pipeline, sample, sd3_sigmas, seeded, velocity
+from model import SCORE_NORMALISATIONS, SDE_STEPS, grpo_loss, load_pipeline, sample, sd3_sigmas, seeded, velocity
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--backbone", default="toy", help="the generator: tiny | toy | sd35m | sd35l")
 parser.add_argument("--backbone-path", default=None, help="diffusers folder or hub id overriding the preset")
-parser.add_argument("--reward", nargs="+", default=None, help="train_reward.py checkpoint folder(s); 'oracle' on the toy "
-                    "(decode + golden oracle: the ceiling). Default: out/reward-toy-dina on the toy")
+parser.add_argument("--reward", nargs="+", default=None, help="train_reward.py checkpoint folder(s) or released DiNa-LRM "
+                    "folders; 'oracle' on the toy (decode + golden oracle: the ceiling). Default: out/reward-toy-dina on the toy")
 parser.add_argument("--reward-weight", nargs="+", type=float, default=None, help="weight of each reward's advantages (1)")
 parser.add_argument("--reward-t", type=float, default=None,
                     help="noise level the reward reads (default: its checkpoint's t_eval)")
+parser.add_argument("--score-normalisation", default="raw", choices=list(SCORE_NORMALISATIONS),
+                    help="of the latent rewards: raw | plus10 = (raw + 10) / 10 | plus12 = (raw + 12) / 10 (DiNa-LRM's GRPO)")
 parser.add_argument("--prompts", default=None, help="training prompts, one per line (toy: out/toy/prompts_train.txt)")
 parser.add_argument("--eval-prompts", default=None,
                     help="fixed evaluation prompts seen in training (toy: the training prompts)")
@@ -187,7 +190,8 @@ def main(args):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     pipe = load_pipeline(args.backbone, args.backbone_path, args.seed, dtype=dtype).to(device)
     transformer, vae = pipe.transformer, pipe.vae
-    rewards = align.load_rewards(args.reward, args.reward_weight, transformer, args.reward_t, device, args.backbone == "toy")
+    rewards = align.load_rewards(args.reward, args.reward_weight, transformer, args.reward_t, device, args.backbone == "toy",
+                                 args.score_normalisation)
     text_len = next((r["text_len"] for r in rewards if r["text_len"]), 8 if args.backbone in ("toy", "tiny") else 77)
     table = align.encode_prompt_table(pipe, train_prompts + [p for s in splits.values() for p in s], text_len, device)
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # never called again

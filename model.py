@@ -18,9 +18,12 @@ RewardModel, the flow-matching math (noising, sigmas, the sampler: sde_step, cps
 the checkpoint I/O.
 Stages (train_reward.py, eval_reward.py, ...) import from here.
 
+The dina head is the released DiNa-LRM's architecture (liuhuohuo/DiNa-LRM-SD35M-12layers), with its parameter names;
+load_reward_model reads that folder (through released.py, which also writes ours in its layout) as well as our
+checkpoints. Citations RH and INF are files of the authors' code (HKUST-C4G/diffusion-rm af485b4):
+diffusion_rm/models/reward_head.py and diffusion_rm/infer/inference.py.
+
 Deviations from the papers / released code (honest notes):
-- The DiNa head LayerNorms each tapped stream (no affine) before FiLM; SD3 hidden states have
-  large, layer-dependent scales and the head starts more stably this way.
 - thurstone_loss uses sigma_u**2 = 0.01 as the variance floor (the paper); the released DiNa
   code uses 0.05. Set --sigma-u 0.2236 to match the code.
 """
@@ -38,23 +41,24 @@ from safetensors.torch import save_file
 
 # -----------------------------------------------------------------------------
 # Backbone presets: one size dial, as DiT's model dict. Per head: blocks kept and taps (1-based,
-# tap i = output of transformer_blocks[i-1]). `width` is the head's working width.
+# tap i = output of transformer_blocks[i-1]). The dina head's sizes follow the backbone's width W, as the released
+# head's do (RH:211-214): FiLM projections to W/4, 8 attention heads of W/8, 4 queries.
 
 BACKBONES = {
     # random tiny SD3 pipeline built in memory from a seed (tests): 4 blocks, width 32, patch 2
     "tiny": dict(path=None, blocks=dict(dina=3, drm=4, ditr=4), taps=dict(dina=(1, 2, 3), drm=(4,), ditr=(2, 3, 4)),
-                 proj=16, conv=(16, 32, 32), mlp=32),
+                 conv=(16, 32, 32), mlp=32),
     # the toy generator written by toy.py (6 blocks, width 128, patch 2 on 16x16x4 latents)
     "toy": dict(path="out/toy/pipeline", blocks=dict(dina=4, drm=5, ditr=5), taps=dict(dina=(2, 3, 4), drm=(5,), ditr=(3, 4, 5)),
-                proj=32, conv=(64, 128, 128), mlp=128),
+                conv=(64, 128, 128), mlp=128),
     # SD3.5-M, 24 blocks of width 1536. DiNa: blocks 4/8/12 of the first 12 (paper Sec. 3);
     # DRM: first 21 blocks (paper Sec. 3.1); DiT-Reward: middle-to-late layers (our pick for M).
     "sd35m": dict(path="stabilityai/stable-diffusion-3.5-medium", blocks=dict(dina=12, drm=21, ditr=18),
-                  taps=dict(dina=(4, 8, 12), drm=(21,), ditr=(10, 14, 18)), proj=384, conv=(256, 512, 512), mlp=512),
+                  taps=dict(dina=(4, 8, 12), drm=(21,), ditr=(10, 14, 18)), conv=(256, 512, 512), mlp=512),
     # SD3.5-L, 38 blocks of width 2432. DiT-Reward's backbone: middle-to-late layers (paper: best
     # layers are middle-to-late); DiNa/DRM at the same relative depths as on M (our choice).
     "sd35l": dict(path="stabilityai/stable-diffusion-3.5-large", blocks=dict(dina=19, drm=33, ditr=28),
-                  taps=dict(dina=(6, 13, 19), drm=(33,), ditr=(16, 22, 28)), proj=608, conv=(256, 512, 512), mlp=512),
+                  taps=dict(dina=(6, 13, 19), drm=(33,), ditr=(16, 22, 28)), conv=(256, 512, 512), mlp=512),
 }
 # The SD3.5 transformers' architectures (their transformer/config.json), so a randomly initialised backbone
 # (the pretraining ablation, GPU benchmarks) needs no download. M is MMDiT-X: extra self-attention in blocks 0-12.
@@ -66,6 +70,7 @@ for _c in SD35_CONFIGS.values():
     _c.update(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
               joint_attention_dim=4096, pooled_projection_dim=2048, qk_norm="rms_norm")
 HEADS = ("dina", "drm", "ditr")
+# peft matches name suffixes: in SD3.5's dual-attention blocks attn2.{to_q, to_k, to_v, to_out.0} too, 12 per block
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
@@ -247,79 +252,103 @@ class DiTTap(nn.Module):
 # Heads: (temb, vis, txt) -> (B,) float32
 
 
-class FiLM(nn.Module):
-    """x * (1 + g) + b with (g, b) = MLP(temb); zero-initialised, so it starts as the identity."""
+class FiLMAdapter(nn.Module):
+    """One tapped layer of one stream (RH:32-47): (gamma, beta) = cond_mlp(temb), cond_mlp = Linear(W, 2W) -> SiLU ->
+    Linear(2W, 2W) with the last zero-initialised (no modulation at start); x (1 + gamma) + beta, then the layer
+    embedding is added (after the modulation), then proj: Linear(W, W/4). The tapped stream x is read raw (no norm)."""
 
-    def __init__(self, dim, cond_dim):
+    def __init__(self, width):
         super().__init__()
-        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
-        nn.init.zeros_(self.mlp[1].weight)
-        nn.init.zeros_(self.mlp[1].bias)
+        self.layer_embed = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.cond_mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.SiLU(), nn.Linear(2 * width, 2 * width))
+        self.proj = nn.Linear(width, width // 4)
+        nn.init.zeros_(self.cond_mlp[2].weight)
+        nn.init.zeros_(self.cond_mlp[2].bias)
 
-    def forward(self, x, temb):  # x (B,N,D), temb (B,Dc)
-        g, b = self.mlp(temb).unsqueeze(1).chunk(2, dim=-1)
-        return x * (1 + g) + b
+    def forward(self, x, temb):  # x (B,N,W), temb (B,W) -> (B,N,W/4)
+        gamma, beta = self.cond_mlp(temb).unsqueeze(1).chunk(2, dim=-1)  # (B,1,W) each: gamma the first W outputs
+        return self.proj(x * (1 + gamma) + beta + self.layer_embed)
 
 
-class CrossAttention(nn.Module):
-    """Queries attend to tokens; with gated=True each token's value is scaled by a sigmoid gate
-    (zero-init, so every gate starts at 0.5): DiNa-LRM's gated Q-Former."""
+def value_gate(width):
+    """A per-token scalar gate on the values (RH:147-189): Linear(W, W) -> SiLU -> Linear(W, 1), the last zero-initialised
+    (every gate starts at sigmoid(0) = 0.5)."""
+    mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+    nn.init.zeros_(mlp[2].weight)
+    nn.init.zeros_(mlp[2].bias)
+    return mlp
 
-    def __init__(self, dim, heads, gated=False):
+
+class GatedCrossAttention(nn.Module):
+    """Queries attend to the visual tokens and (text=True) to the text tokens (RH:125-189): affine RMSNorms on the
+    queries, V and T (eps=None: float32's epsilon, as released); own key and value projections per modality; with
+    gated=True each value is scaled by its token's sigmoid gate, computed from the normalised context (keys are not
+    gated); one softmax per modality, summed: out = queries + to_out(SDPA(q, k_v, v_v) + SDPA(q, k_t, v_t)), heads of
+    width W/heads (8 x 192 on SD3.5-M), scale 1/sqrt(W/heads), no mask."""
+
+    def __init__(self, width, heads=8, text=True, gated=True):
         super().__init__()
         self.heads = heads
-        self.q, self.kv, self.out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
-        self.gate = nn.Linear(dim, 1) if gated else None
-        if gated:
-            nn.init.zeros_(self.gate.weight)
-            nn.init.zeros_(self.gate.bias)
+        self.norm_q, self.norm_v = nn.RMSNorm(width), nn.RMSNorm(width)
+        self.norm_t = nn.RMSNorm(width) if text else None
+        self.to_q = nn.Linear(width, width)
+        self.to_k_vis, self.to_v_vis = nn.Linear(width, width), nn.Linear(width, width)
+        if text:
+            self.to_k_text, self.to_v_text = nn.Linear(width, width), nn.Linear(width, width)
+        self.to_out = nn.Sequential(nn.Linear(width, width))  # "to_out.0", as released (its Dropout(0) left out)
+        self.gate_vis = value_gate(width) if gated else None
+        self.gate_text = value_gate(width) if gated and text else None
 
-    def forward(self, x, ctx):  # x (B,Q,D), ctx (B,N,D)
-        B, Q, D = x.shape
-        q = self.q(x).view(B, Q, self.heads, -1).transpose(1, 2)  # (B,h,Q,d)
-        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B,h,N,d) each
-        if self.gate is not None:
-            v = v * torch.sigmoid(self.gate(ctx)).view(B, 1, -1, 1)
-        o = F.scaled_dot_product_attention(q, k, v)
-        return self.out(o.transpose(1, 2).reshape(B, Q, D))
+    def branch(self, q, ctx, norm, to_k, to_v, gate):
+        """SDPA of q (B,Q,W) over one modality's tokens ctx (B,N,W) -> (B,Q,W)."""
+        c = norm(ctx)
+        k, v = to_k(c), to_v(c)
+        if gate is not None:
+            v = v * torch.sigmoid(gate(c))  # (B,N,1): one gate per token
+        heads = lambda x: x.view(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)  # (B,h,L,W/h)
+        return F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).flatten(2)
+
+    def forward(self, queries, vis, txt=None):  # queries (B,Q,W), vis (B,N,W), txt (B,L,W) -> (B,Q,W)
+        q = self.to_q(self.norm_q(queries))
+        h = self.branch(q, vis, self.norm_v, self.to_k_vis, self.to_v_vis, self.gate_vis)
+        if self.norm_t is not None:
+            h = h + self.branch(q, txt, self.norm_t, self.to_k_text, self.to_v_text, self.gate_text)
+        return queries + self.to_out(h)
 
 
 class DinaHead(nn.Module):
-    """DiNa-LRM: per tapped layer and stream LayerNorm -> FiLM(temb) -> + layer embedding ->
-    Linear(W, proj); concat over layers -> Linear(L*proj, W). Then 4 learned queries: gated
-    cross-attention to [vis; txt], visual-only cross-attention, feed-forward, mean over queries,
-    Linear(W, 1)."""
+    """DiNa-LRM's head as released (RH:300-331; the names of rm_head.pt's tensors, 139,296,003 parameters on SD3.5-M):
+    per tapped layer and stream a FiLMAdapter; concatenation over the taps -> agg_visual / agg_text Linear(L W/4, W);
+    then 4 learned queries: attn1 (gated cross-attention to V and T, two softmaxes summed), attn2 (visual only, no
+    gates), q + ff(norm_ff(q)) with ff = Linear(W, 4W) -> GELU -> Linear(4W, W), and the mean over the queries of
+    head(q), head = Linear(W, 1)."""
 
-    def __init__(self, width, n_layers, proj, n_queries=4):
+    def __init__(self, width, n_layers, n_queries=4, heads=8):
         super().__init__()
-        heads = max(1, width // 64)
-        self.norm = nn.LayerNorm(width, elementwise_affine=False)
-        self.film = nn.ModuleList(FiLM(width, width) for _ in range(2 * n_layers))  # [vis layers..., txt layers...]
-        self.layer_emb = nn.Parameter(torch.zeros(2 * n_layers, width))
-        self.proj = nn.ModuleList(nn.Linear(width, proj) for _ in range(2 * n_layers))
-        self.fuse_vis, self.fuse_txt = nn.Linear(n_layers * proj, width), nn.Linear(n_layers * proj, width)
-        self.queries = nn.Parameter(torch.randn(1, n_queries, width) * 0.02)
-        self.ln1, self.ln2, self.ln3, self.ln_out = (nn.LayerNorm(width) for _ in range(4))
-        self.attn_joint = CrossAttention(width, heads, gated=True)
-        self.attn_vis = CrossAttention(width, heads)
+        self.query_tokens = nn.Parameter(torch.randn(1, n_queries, width) * 0.02)
+        self.layer_adapters_visual = nn.ModuleList(FiLMAdapter(width) for _ in range(n_layers))
+        self.layer_adapters_text = nn.ModuleList(FiLMAdapter(width) for _ in range(n_layers))
+        self.agg_visual = nn.Linear(n_layers * (width // 4), width)
+        self.agg_text = nn.Linear(n_layers * (width // 4), width)
+        self.attn1 = GatedCrossAttention(width, heads, text=True, gated=True)
+        self.attn2 = GatedCrossAttention(width, heads, text=False, gated=False)
+        self.norm_ff = nn.RMSNorm(width)
         self.ff = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-        self.out = nn.Linear(width, 1)
+        self.head = nn.Linear(width, 1)
 
     def tokens(self, temb, vis, txt):
-        """FiLM-ed, fused tokens at one noise level: (B,N,W), (B,L,W)."""
-        L = len(vis)
-        f = lambda j, x: self.proj[j](self.film[j](self.norm(x), temb) + self.layer_emb[j])
-        v = self.fuse_vis(torch.cat([f(j, x) for j, x in enumerate(vis)], dim=-1))
-        s = self.fuse_txt(torch.cat([f(L + j, x) for j, x in enumerate(txt)], dim=-1))
-        return v, s
+        """FiLM-ed, fused tokens at one noise level (RH:278-296): V (B,N,W), T (B,L,W). Columns j W/4 : (j+1) W/4 of
+        agg_* read tap j (in tap order)."""
+        v = torch.cat([a(x, temb) for a, x in zip(self.layer_adapters_visual, vis, strict=True)], dim=-1)
+        t = torch.cat([a(x, temb) for a, x in zip(self.layer_adapters_text, txt, strict=True)], dim=-1)
+        return self.agg_visual(v), self.agg_text(t)
 
-    def readout(self, v, s):
-        """Q-Former over tokens (several noise levels may be concatenated along N and L) -> (B,)."""
-        q = self.queries.expand(v.shape[0], -1, -1)
-        q = q + self.attn_joint(self.ln1(q), torch.cat([v, s], dim=1))
-        q = q + self.attn_vis(self.ln2(q), v)
-        q = q + self.ff(self.ln3(q))
-        return self.out(self.ln_out(q.mean(1))).squeeze(-1)
+    def readout(self, v, t):
+        """The query transformer over tokens (several noise levels may be concatenated along N and L, RH:333-375) -> (B,)."""
+        q = self.query_tokens.expand(v.shape[0], -1, -1)  # (B,Q,W)
+        q = self.attn2(self.attn1(q, v, t), v)
+        q = q + self.ff(self.norm_ff(q))
+        return self.head(q).mean(1).squeeze(-1)  # per-query scores (B,Q,1), their mean
 
     def forward(self, temb, vis, txt):
         return self.readout(*self.tokens(temb, vis, txt))
@@ -373,38 +402,55 @@ class DiTRHead(nn.Module):
 # The reward model
 
 
+# What score() returns (the callers of the released DiNa-LRM): raw; (raw + 10) / 10, its README's and demos'
+# (INF:257,350); (raw + 12) / 10, the authors' GRPO reward. Affine: accuracies and GRPO's group advantages hardly change.
+SCORE_NORMALISATIONS = {"raw": (0.0, 1.0), "plus10": (10.0, 10.0), "plus12": (12.0, 10.0)}
+
+
 class RewardModel(nn.Module):
-    """tap + head. forward(latents, t, prompt_embeds, pooled) -> (B,) float32 rewards."""
+    """tap + head. forward(latents, t, prompt_embeds, pooled) -> (B,) float32 rewards.
+    t_grid: None, or the sigmas a released DiNa-LRM reads (score() snaps t to them); normalisation: score()'s output."""
 
     def __init__(self, tap, head, kind):
         super().__init__()
         self.tap, self.head, self.kind = tap, head, kind
+        self.t_grid, self.normalisation = None, "raw"
 
     def forward(self, latents, t, prompt_embeds, pooled):
         if self.kind == "drm":
             self.head.hw = tuple(latents.shape[-2:])
         return self.head(*self.tap(latents, t, prompt_embeds, pooled)).float()
 
+    def snap(self, t):
+        """t, or the nearest sigma of t_grid, as the authors' reader picks it (INF:92-102): 0.4 -> 0.400293."""
+        if self.t_grid is None:
+            return float(t)
+        return float(self.t_grid[(self.t_grid - float(t)).abs().argmin()])
+
     def score(self, latents, prompt_embeds, pooled, t=0.4, ts=None, generator=None, noise=None):
         """Score clean latents: noise them to level t (or to each of ts, with the same noise for
         every level) and read the reward. Ensembling: DiNa concatenates the FiLM-ed tokens of all
         levels and runs its Q-Former once (paper Sec. 3.4); the other heads average the scores.
         noise: the (B,C,H,W) noise to use instead of drawing it from `generator`."""
-        ts = [t] if ts is None else list(ts)
+        ts = [self.snap(s) for s in ([t] if ts is None else ts)]
         eps = noise if noise is not None else torch.randn(
             latents.shape, generator=generator, device=generator.device if generator else "cpu")
         eps = eps.to(latents.device, latents.dtype)
         full = lambda s: torch.full((latents.shape[0],), float(s), device=latents.device)
         if self.kind != "dina":
-            return torch.stack([self(add_noise(latents, full(s), eps), full(s), prompt_embeds, pooled) for s in ts]).mean(0)
-        toks = [self.head.tokens(*self.tap(add_noise(latents, full(s), eps), full(s), prompt_embeds, pooled)) for s in ts]
-        return self.head.readout(torch.cat([v for v, _ in toks], 1), torch.cat([s for _, s in toks], 1)).float()
+            r = torch.stack([self(add_noise(latents, full(s), eps), full(s), prompt_embeds, pooled) for s in ts]).mean(0)
+        else:
+            toks = [self.head.tokens(*self.tap(add_noise(latents, full(s), eps), full(s), prompt_embeds, pooled)) for s in ts]
+            r = self.head.readout(torch.cat([v for v, _ in toks], 1), torch.cat([s for _, s in toks], 1)).float()
+        shift, div = SCORE_NORMALISATIONS[self.normalisation]
+        return (r + shift) / div
 
 
 def build_reward_model(backbone, head, path=None, n_blocks=None, taps=None, lora_rank=0, full_finetune=False,
-                       seed=0, combine="softmax", transformer=None, random_init=False):
+                       seed=0, combine="softmax", transformer=None, random_init=False, lora_alpha=None):
     """Load the backbone through diffusers, keep the needed blocks, attach a head, set what trains:
-    LoRA on the attention projections (lora_rank > 0), everything (full_finetune), or only the head."""
+    LoRA on the attention projections (lora_rank > 0; scale lora_alpha / lora_rank, alpha = rank by default),
+    everything (full_finetune), or only the head."""
     check_names(backbone, head)
     preset = BACKBONES[backbone]
     n_blocks = n_blocks or preset["blocks"][head]
@@ -417,7 +463,7 @@ def build_reward_model(backbone, head, path=None, n_blocks=None, taps=None, lora
     tap = DiTTap(transformer, n_blocks, taps)
     torch.manual_seed(seed)
     if head == "dina":
-        h = DinaHead(tap.width, len(taps), preset["proj"])
+        h = DinaHead(tap.width, len(taps))
     elif head == "drm":
         cfg = transformer.config
         h = DRMHead(transformer.norm_out, transformer.proj_out, cfg.patch_size, cfg.out_channels, preset["conv"])
@@ -427,7 +473,7 @@ def build_reward_model(backbone, head, path=None, n_blocks=None, taps=None, lora
     tap.requires_grad_(full_finetune)
     if lora_rank > 0 and not full_finetune:
         from peft import LoraConfig, inject_adapter_in_model
-        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS), tap)
+        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank, target_modules=LORA_TARGETS), tap)
         for n, p in tap.named_parameters():
             p.requires_grad_("lora_" in n)
     return RewardModel(tap, h, head)
@@ -673,21 +719,55 @@ def cast_frozen(model, dtype=torch.bfloat16):
     return model
 
 
-def load_reward_model(path, ema=True, transformer=None, expect=None):
-    """Rebuild a RewardModel from a checkpoint written by train_reward.py (EMA weights by default).
-    expect: optional dict of args the caller requires (e.g. head, backbone) -> clear error on mismatch."""
-    tensors, meta = load_checkpoint(path)
+def checkpoint_file(path):
+    """What a --ckpt / --reward path names: a checkpoint file, a run folder (its ckpt.safetensors), or a released
+    DiNa-LRM folder (one with a config.json: released.py) itself."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        return os.path.join(path, "ckpt.safetensors")
+    return path
+
+
+def check_tensors(path, got, want):
+    """got {name: tensor} must hold exactly the names of want {name: shape}, at those shapes; else a one-line error
+    naming the first tensor missing, unexpected or of the wrong shape (never a silent partial load)."""
+    if not isinstance(got, dict):
+        raise ValueError(f"{path}: holds a {type(got).__name__}, not a dict of tensors")
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing:
+        raise ValueError(f"{path}: missing tensor {missing[0]} of shape {tuple(want[missing[0]])} ({len(missing)} missing)")
+    if extra:
+        raise ValueError(f"{path}: unexpected tensor {extra[0]} ({len(extra)} unexpected)")
+    for k, shape in want.items():
+        if not isinstance(got[k], torch.Tensor) or got[k].shape != shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(getattr(got[k], 'shape', ()))}, expected {tuple(shape)}")
+
+
+def load_reward_model(path, ema=True, transformer=None, expect=None, normalisation="raw"):
+    """Rebuild a RewardModel from a train_reward.py checkpoint (EMA weights by default) or a released DiNa-LRM folder
+    (read as the authors' reader does, released.py: t snapped to its sigma grid), each tensor checked (check_tensors).
+    expect: optional dict of args the caller requires (e.g. head, backbone) -> clear error on mismatch.
+    normalisation: what score() returns, a key of SCORE_NORMALISATIONS."""
+    import released  # here, not at the top: released.py imports model
+    if normalisation not in SCORE_NORMALISATIONS:
+        raise ValueError(f"unknown score normalisation {normalisation!r}; choose one of {list(SCORE_NORMALISATIONS)}")
+    path = checkpoint_file(path)
+    folder = os.path.isdir(path)
+    tensors, meta = (None, dict(args=released.read_args(path), step=None)) if folder else load_checkpoint(path)
     a = meta["args"]
     for k, v in (expect or {}).items():
         if v is not None and a.get(k) != v:
             raise ValueError(f"{path}: checkpoint has {k}={a.get(k)!r}, but {v!r} was asked for")
     model = build_reward_model(a["backbone"], a["head"], a.get("backbone_path"), a.get("blocks"), a.get("taps"),
                                a.get("lora_rank", 0), a.get("full_finetune", False), a.get("seed", 0),
-                               a.get("combine", "softmax"), transformer, a.get("random_backbone", False))
-    prefix = "ema." if ema and any(k.startswith("ema.") for k in tensors) else "model."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    missing = set(trainable_state(model)) - set(state)
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
-    model.load_state_dict(state, strict=False)
+                               a.get("combine", "softmax"), transformer, a.get("random_backbone", False), a.get("lora_alpha"))
+    if folder:
+        state = released.read_state(path, model)
+        model.t_grid = released.sigma_grid()
+    else:
+        prefix = "ema." if ema and any(k.startswith("ema.") for k in tensors) else "model."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        check_tensors(path, state, {n: p.shape for n, p in trainable_state(model).items()})
+    own = model.state_dict()  # assign: also onto a backbone built on the meta device (only what is loaded is real)
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.normalisation = normalisation
     return model.eval(), meta

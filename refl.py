@@ -31,16 +31,18 @@ from tqdm import tqdm
 
 import align
 import data
-from model import load_pipeline, sample, sd3_sigmas, seeded, velocity, x0_hat
+from model import SCORE_NORMALISATIONS, load_pipeline, sample, sd3_sigmas, seeded, velocity, x0_hat
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--backbone", default="toy", help="the generator: tiny | toy | sd35m | sd35l")
 parser.add_argument("--backbone-path", default=None, help="diffusers folder or hub id overriding the preset")
-parser.add_argument("--reward", nargs="+", default=None, help="train_reward.py checkpoint folder(s) (default on the toy: "
-                    "out/reward-toy-dina); 'oracle' is not differentiable and is refused")
+parser.add_argument("--reward", nargs="+", default=None, help="train_reward.py checkpoint folder(s) or released DiNa-LRM "
+                    "folders (default on the toy: out/reward-toy-dina); 'oracle' is not differentiable and is refused")
 parser.add_argument("--reward-weight", nargs="+", type=float, default=None, help="weight of each reward (1)")
 parser.add_argument("--reward-t", type=float, default=None,
                     help="noise level the reward reads (default: its checkpoint's t_eval)")
+parser.add_argument("--score-normalisation", default="raw", choices=list(SCORE_NORMALISATIONS),
+                    help="of the rewards: raw | plus10 = (raw + 10) / 10 | plus12 = (raw + 12) / 10 (scales the reward's gradient)")
 parser.add_argument("--prompts", default=None, help="training prompts, one per line (toy: out/toy/prompts_train.txt)")
 parser.add_argument("--eval-prompts", default=None,
                     help="fixed evaluation prompts seen in training (toy: the training prompts)")
@@ -173,7 +175,8 @@ def main(args):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     pipe = load_pipeline(args.backbone, args.backbone_path, args.seed, dtype=dtype).to(device)
     transformer, vae = pipe.transformer, pipe.vae
-    rewards = align.load_rewards(args.reward, args.reward_weight, transformer, args.reward_t, device)
+    rewards = align.load_rewards(args.reward, args.reward_weight, transformer, args.reward_t, device,
+                                 normalisation=args.score_normalisation)
     text_len = next(r["text_len"] for r in rewards)
     table = align.encode_prompt_table(pipe, train_prompts + [p for s in splits.values() for p in s], text_len, device)
     fm = real_latents(args, pipe, table, train_prompts, device) if args.fm_weight > 0 else None

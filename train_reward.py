@@ -52,14 +52,17 @@ parser.add_argument("--blocks", type=int, default=None, help="blocks kept (defau
 parser.add_argument("--taps", type=lambda s: tuple(int(x) for x in s.split(",")), default=None, help="e.g. 4,8,12")
 parser.add_argument("--combine", default="softmax", help="ditr layer combination: softmax | concat")
 parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on the attention projections; 0 = frozen (ours)")
+parser.add_argument("--lora-alpha", type=int, default=None, help="LoRA scale alpha / rank; default 2 x rank for dina (the released "
+                    "DiNa-LRM: 128 / 64), rank otherwise")
 parser.add_argument("--full-finetune", action=argparse.BooleanOptionalAction, default=False,
                     help="train every kept block (DRM's recipe; the toy world's default, --no-full-finetune for LoRA)")
 parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the kept blocks")
 parser.add_argument("--compile", action="store_true", help="torch.compile each kept block (GPU: 1.7x on an H100, 20-45 s to compile)")
-parser.add_argument("--frozen-dtype", default="bf16", help="bf16 | fp32: storage of the weights that do not train, on CUDA "
-                    "(trainable weights are float32; CPU runs are float32)")
+parser.add_argument("--frozen-dtype", default="bf16", choices=("bf16", "fp32"), help="storage of the weights that do not "
+                    "train, on CUDA (trainable weights are float32; CPU runs are float32)")
 # loss and noise levels
-parser.add_argument("--loss", default=None, help="thurstone | thurstone-fixed | bt (default: thurstone for dina, bt otherwise)")
+parser.add_argument("--loss", default=None, choices=("thurstone", "thurstone-fixed", "bt"),
+                    help="default: thurstone for dina, bt otherwise")
 parser.add_argument("--k", type=float, default=2.0, help="Thurstone variance slope, s2(t) = k t^2 + sigma_u^2 (DiNa)")
 parser.add_argument("--sigma-u", type=float, default=0.1, help="Thurstone variance floor (paper 0.1; released code sqrt(0.05))")
 parser.add_argument("--soft-labels", action="store_true", help="use the annotators' vote share as the label y")
@@ -74,12 +77,14 @@ parser.add_argument("--same-noise", type=int, default=None, help="1: chosen and 
 parser.add_argument("--steps", type=int, default=20000)
 parser.add_argument("--global-batch", type=int, default=64, help="pairs per optimizer step, over all ranks")
 parser.add_argument("--micro-batch", type=int, default=None, help="pairs (groups: 2x images) per forward on one rank (default: global / world)")
-parser.add_argument("--batching", default="pairs", help="pairs | groups: a step forwards 2 x --global-batch images, whole groups "
-                    "of pairs sharing images (a prompt's pool), and trains on every pair among them (ours; the toy's default)")
+parser.add_argument("--batching", default="pairs", choices=("pairs", "groups"), help="groups: a step forwards 2 x "
+                    "--global-batch images, whole groups of pairs sharing images (a prompt's pool), and trains on every pair "
+                    "among them (ours; the toy's default)")
 parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (ours)")
 parser.add_argument("--weight-decay", type=float, default=0.01)
 parser.add_argument("--warmup", type=int, default=500)
-parser.add_argument("--lr-schedule", default="constant", help="after the linear warmup: constant | cosine (to 0 at --steps)")
+parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
+                    help="after the linear warmup (cosine: to 0 at --steps)")
 parser.add_argument("--grad-clip", type=float, default=1.0)
 parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the trainable weights (DiNa 0.995), warmed up as min(ema, (1+step)/(10+step)); 0 = off")
 # data
@@ -132,15 +137,8 @@ def resolve_args(args):
                 setattr(args, k, v)
     args.loss = args.loss or ("thurstone" if args.head == "dina" else "bt")
     args.same_noise = bool(args.head == "dina" if args.same_noise is None else args.same_noise)
+    args.lora_alpha = args.lora_alpha or (2 * args.lora_rank if args.head == "dina" else args.lora_rank)
     args.out = args.out or f"out/reward-{args.backbone}-{args.head}"
-    if args.frozen_dtype not in ("bf16", "fp32"):
-        raise ValueError(f"unknown --frozen-dtype {args.frozen_dtype!r}; choose bf16 or fp32")
-    if args.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"unknown lr schedule {args.lr_schedule!r}; choose constant or cosine")
-    if args.batching not in ("pairs", "groups"):
-        raise ValueError(f"unknown --batching {args.batching!r}; choose pairs or groups")
-    if args.loss not in ("thurstone", "thurstone-fixed", "bt"):
-        raise ValueError(f"unknown loss {args.loss!r}; choose thurstone, thurstone-fixed or bt")
     return args
 
 
@@ -306,7 +304,8 @@ def main(args):
 
     # -------------------------------------------------------------------------- model, optimizer, EMA
     model = build_reward_model(args.backbone, args.head, args.backbone_path, args.blocks, args.taps, args.lora_rank,
-                               args.full_finetune, args.seed, args.combine, random_init=args.random_backbone).to(device)
+                               args.full_finetune, args.seed, args.combine, random_init=args.random_backbone,
+                               lora_alpha=args.lora_alpha).to(device)
     model.tap.grad_ckpt = args.grad_ckpt
     if device.startswith("cuda") and args.frozen_dtype == "bf16":
         cast_frozen(model, torch.bfloat16)  # bf16 autocast reads them in bf16 anyway

@@ -18,7 +18,7 @@ import refl
 import sample_stepwise
 import step_grpo
 from model import (build_reward_model, cps_step, make_tiny_pipeline, sample, save_checkpoint, sd3_sigmas, sde_step,
-                   trainable_state)
+                   seeded, trainable_state)
 from toy import toy_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,6 +191,28 @@ def test_grpo_dina_recipe_cps_window(world, tmp_path):
     assert len(first["sde_steps"]) == 3 and first["sde_steps"][0] in (0, 1) and first["ratio_dev"] == 0.0
     args = json.loads(json.dumps(model.load_checkpoint(str(out / "ckpt.safetensors"))[1]["args"]))
     assert (args["sde_type"], args["noise_level"], args["cfg"], args["group_size"]) == ("cps", 0.8, 1.0, 2)
+
+
+def test_load_rewards_reads_released_folders(world, tmp_path):
+    """--reward DIR also takes a released DiNa-LRM folder (here the world's reward exported to that layout): it reads
+    its noise level at the grid's nearest sigma, and --score-normalisation plus10 makes every reward (raw + 10) / 10."""
+    import released
+    ours, meta = model.load_reward_model(str(world / "reward"))
+    released.export(ours, meta, str(tmp_path / "rel"))
+    pipe = make_tiny_pipeline(0)
+    rewards = align.load_rewards([str(tmp_path / "rel"), str(world / "reward")], [1.0, 1.0], pipe.transformer,
+                                 normalisation="plus10")
+    assert [r["t"] for r in rewards] == [0.1, 0.1] and [r["text_len"] for r in rewards] == [8, 8]
+    table = align.encode_prompt_table(pipe, PROMPTS, 8)
+    keys = [(0, i) for i in range(len(PROMPTS))]
+    lat = torch.randn(len(PROMPTS), 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    eps = torch.stack([torch.randn(lat.shape[1:], generator=seeded(*k)) for k in keys])
+    pe, pooled = align.embeds(table, PROMPTS)
+    with torch.no_grad():
+        r = align.score_rewards(rewards, lat, PROMPTS, table, keys)
+        torch.testing.assert_close(r[0], (ours.score(lat, pe, pooled, t=0.1007462590932846, noise=eps) + 10) / 10)
+        torch.testing.assert_close(r[1], (ours.score(lat, pe, pooled, t=0.1, noise=eps) + 10) / 10)
+    assert (r[0] - r[1]).abs().max() > 0  # 0.1 is off the grid: the released reader moves it to 0.100746
 
 
 def test_no_decode_or_text_encoding_in_the_loop(world, tmp_path, monkeypatch):

@@ -173,6 +173,28 @@ def test_score_own_images_cli_and_python(world, tmp_path, capsys):
     assert r.returncode == 0 and "ranking (best first)" in r.stdout, r.stderr[-2000:]
 
 
+def test_released_folder_scores_as_the_checkpoint(world, tmp_path, capsys):
+    """--export-released writes the (frozen) tiny checkpoint in the released DiNa-LRM layout, with no backbone_lora;
+    --ckpt on that folder scores every pair as the checkpoint does at a level on the released grid (0.5), and
+    --score-normalisation plus10 writes (raw + 10) / 10 with the same accuracy."""
+    rel = tmp_path / "rel"
+    eval_reward.main(eval_reward.parser.parse_args(["--ckpt", str(world / "ckpt"), "--export-released", str(rel)]))
+    assert (rel / "checkpoint" / "rm_head.pt").is_file() and not (rel / "checkpoint" / "backbone_lora").exists()
+    bench = {"hpdv2": EXPECTED["hpdv2"]}
+    ours = run(world, tmp_path / "ours", "--t", "0.5", benches=bench)
+    theirs = eval_reward.main(eval_reward.parser.parse_args(
+        ["--ckpt", str(rel), "--t", "0.5", "--score-normalisation", "plus10", "--cache-dir", str(world / "cache"),
+         "--out", str(tmp_path / "rel_out"), "--bench", f"hpdv2/test={world / 'hpdv2.json'}"]))
+    assert "t = 0.5 (read at 0.500000)" in capsys.readouterr().out
+    assert theirs["benchmarks"]["hpdv2"]["acc"] == ours["benchmarks"]["hpdv2"]["acc"]
+    a, b = lines(tmp_path / "ours"), lines(tmp_path / "rel_out")
+    assert len(a) == len(b) == 8
+    for x, y in zip(a, b):
+        assert (x["chosen"], x["rejected"]) == (y["chosen"], y["rejected"])
+        np.testing.assert_allclose([y["r_chosen"], y["r_rejected"]], [(x["r_chosen"] + 10) / 10, (x["r_rejected"] + 10) / 10],
+                                   rtol=1e-6, atol=1e-6)
+
+
 def test_bad_input(world, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -135,6 +135,9 @@ def test_toy_recipe_fills_only_flags_not_given():
     assert (a.t_shift, a.t_eval, a.steps, a.lr_schedule) == (1.0, 0.4, 20000, "cosine")
     a = train_reward.resolve_args(train_reward.parse(["--backbone", "sd35m"]))
     assert (a.t_shift, a.t_eval, a.steps, a.lr_schedule, a.lora_rank) == (1.0, 0.4, 20000, "constant", 16)
+    assert a.lora_alpha == 32  # dina: LoRA scale 2, as the released DiNa-LRM's 128 / 64; other heads: scale 1
+    assert train_reward.resolve_args(train_reward.parse(["--backbone", "sd35m", "--head", "drm"])).lora_alpha == 16
+    assert train_reward.resolve_args(train_reward.parse(["--backbone", "sd35m", "--lora-alpha", "5"])).lora_alpha == 5
     a = train_reward.resolve_args(train_reward.parse(["--backbone", "tiny"]))  # tests' backbone: DiNa's noise levels
     assert (a.t_shift, a.t_eval, a.steps, a.batching, a.full_finetune) == (1.0, 0.4, 600, "pairs", False)
 
@@ -181,11 +184,11 @@ def test_world_size_invariance(hpdv3, pools, batching, tmp_path):
     for a, b in zip(l1, l2):  # same loss and same gradient norm (before clipping) at every step
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["acc"] == b["acc"]
         assert a["gnorm"] == pytest.approx(b["gnorm"], rel=1e-4)
-    # Weights: AdamW divides by sqrt(v), so parameters whose true gradient is zero (the output bias and the
-    # LayerNorm bias before it cancel in r+ - r-; attention key biases cancel in the softmax) turn float
-    # round-off into lr-sized steps: they are excluded; every other weight agrees to a small fraction of one
-    # step (lr 3e-3): 2e-4 for all but a rare element (1e-3 for those).
-    zero_grad = ("head.out.bias", "head.ln_out.bias", "kv.bias")
+    # Weights: AdamW divides by sqrt(v), so parameters whose true gradient is zero (the output bias, and the FFN's last
+    # bias with no norm after it, add the same to r+ and r-; attention key biases cancel in the softmax) turn float
+    # round-off into lr-sized steps: they are excluded; every other weight agrees to a small fraction of one step
+    # (lr 3e-3): 2e-4 for all but a rare element (1e-3 for those).
+    zero_grad = ("head.head.bias", "head.ff.2.bias", "to_k_vis.bias", "to_k_text.bias")
     w1, w2 = (load_checkpoint(str(o / "ckpt.safetensors"))[0] for o in (outs[1], outs[2]))
     for k in w1:
         if k.startswith("model.") and not k.endswith(zero_grad):
