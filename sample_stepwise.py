@@ -4,7 +4,7 @@ k successors are drawn from that same mean, all k x B of them are scored in one 
 noise level (the reward was trained on noisy latents: no decode, no re-noising), and the best one carries on.
 k = 1 is the plain SDE sampler with the same seed, bit for bit.
 
-Toy world (after the quick start `python train_reward.py`; about 4 minutes on 2 CPU cores):
+Toy world (after the quick start `python train_reward.py`; about 6 minutes on 2 CPU cores):
     python sample_stepwise.py                        # k = 1, 2, 4, 6 on the 15 held-out combinations, 12 seeds each
     python sample_stepwise.py --prompts out/toy/prompts_train.txt --seeds 4 --out out/stepwise-train
     python sample_stepwise.py --score x0hat --out out/stepwise-x0hat     # ablation: score the one-step prediction

@@ -5,11 +5,12 @@ each is scored by the latent reward at its own noise level (DRM trains its rewar
 decode), the advantages are normalised within those k, and one child carries the trajectory on. Training takes a
 PPO-clipped step on every child's log-probability; the k children of a parent share one generator forward.
 
-Toy world (after the quick start `python train_reward.py`; about 8 minutes on 2 CPU cores):
-    python step_grpo.py                              # k = 2, the latent reward out/reward-toy-dina
-    python step_grpo.py --k 4 --out out/step-grpo-k4
+Toy world (after the quick start `python train_reward.py`; about 9 minutes on 2 CPU cores):
+    python step_grpo.py                              # k = 2, 12 iterations, the latent reward out/reward-toy-dina
+    python step_grpo.py --iters 24 --eval-interval 8 --out out/step-grpo-24   # grpo.py's 24 iterations, its forwards
+    python step_grpo.py --k 4 --iters 24 --eval-interval 8 --out out/step-grpo-k4
     python step_grpo.py --continue best --out out/step-grpo-best
-    python scripts/compare_step_grpo.py out/grpo out/step-grpo out/step-grpo-k4    # golden vs steps and wall time
+    python scripts/compare_step_grpo.py out/grpo out/step-grpo-24 out/step-grpo-k4    # golden vs steps and wall time
 SD3.5-M with a DRM reward trained here, 8 GPUs:
     torchrun --nproc_per_node=8 step_grpo.py --backbone sd35m --reward out/reward-sd35m-drm \
         --prompts prompts_train.txt --eval-prompts prompts_eval.txt --heldout-prompts prompts_heldout.txt --out out/step-grpo
@@ -21,8 +22,9 @@ What DRM leaves open, and our defaults (DESIGN.md section 10):
                        sharp and its children nearly equal); --train-last adds it.
     --std-floor 0.05   advantages (R - mean_k R) / max(std_k R, floor): with k = 2 the normalised advantages are always
                        +-1 however small the difference, and at high noise the reward's differences between children
-                       are mostly its own noise; the floor is about a tenth of the spread of the toy reward over
-                       samples (README), so tiny differences give small advantages.
+                       are mostly its own noise; the floor keeps near-equal children (the last steps, where the
+                       noise is small) from getting +-1. On the toy the children's spread is about 0.4 (log.jsonl,
+                       child_spread), so 0.05 binds only there.
     KL, clip, lr, LoRA as grpo.py (Flow-GRPO's recipe; the toy's laptop values).
 The rollout and training forwards per iteration equal grpo.py's at the same number of trajectories (and images): 48 on
 the toy, so the two compare at the same generator forwards per iteration; the k x (trained steps) reward calls are the
@@ -60,7 +62,8 @@ parser.add_argument("--train-steps", type=lambda s: tuple(int(x) for x in s.spli
 parser.add_argument("--train-last", action="store_true", help="also train the last step (default END = steps - 1)")
 parser.add_argument("--std-floor", type=float, default=0.05, help="advantages divide by max(std_k, floor)")
 # None = (SD3.5, toy) from DEFAULTS, as grpo.py
-parser.add_argument("--iters", type=int, default=None, help="iterations: 1000 / 24")
+parser.add_argument("--iters", type=int, default=None, help="iterations: 1000 / 12 (toy: within 10 minutes, an iteration "
+                    "costs 1.4x grpo.py's; grpo.py's 24: --iters 24)")
 parser.add_argument("--trajectories", type=int, default=None, help="rollouts per iteration over all ranks: 1152 / 48 "
                     "(grpo.py's images per iteration)")
 parser.add_argument("--updates", type=int, default=None, help="optimizer steps per iteration: 2 / 1")
@@ -85,14 +88,14 @@ parser.add_argument("--lora-rank", type=int, default=None, help="32 / 8")
 parser.add_argument("--lora-alpha", type=int, default=None, help="64 / 16")
 parser.add_argument("--ema", type=float, default=0.9, help="EMA decay of the LoRA weights for evaluation and export")
 parser.add_argument("--out", default="out/step-grpo")
-parser.add_argument("--eval-interval", type=int, default=None, help="iterations between evaluations: 25 / 8")
-parser.add_argument("--ckpt-interval", type=int, default=None, help="iterations between checkpoints: 25 / 8")
+parser.add_argument("--eval-interval", type=int, default=None, help="iterations between evaluations: 25 / 6")
+parser.add_argument("--ckpt-interval", type=int, default=None, help="iterations between checkpoints: 25 / 6")
 parser.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.safetensors")
 parser.add_argument("--seed", type=int, default=0)
 
-DEFAULTS = dict(iters=(1000, 24), trajectories=(1152, 48), updates=(2, 1), batch=(8, 48), resolution=(512, 32),
+DEFAULTS = dict(iters=(1000, 12), trajectories=(1152, 48), updates=(2, 1), batch=(8, 48), resolution=(512, 32),
                 eval_steps=(40, 10), eval_seeds=(2, 4), heldout_seeds=(2, 12), lr=(3e-4, 5e-3), lora_rank=(32, 8),
-                lora_alpha=(64, 16), eval_interval=(25, 8), ckpt_interval=(25, 8))
+                lora_alpha=(64, 16), eval_interval=(25, 6), ckpt_interval=(25, 6))
 
 
 def resolve_args(args):
