@@ -229,7 +229,8 @@ def write_outputs(args, items, results, images, gen_flops, rew_flops, oracle):
     for k, r in results.items():
         cost = ""  # a step of k successors: one generator forward and k reward forwards (k = 1: no reward call)
         if k != "ode":
-            cost = f"{(gen_flops + (int(k) > 1) * int(k) * rew_flops) / gen_flops:.2f}x"
+            share = (args.steps_window[1] - args.steps_window[0]) / args.steps  # the steps that choose among k
+            cost = f"{(gen_flops + (int(k) > 1) * int(k) * rew_flops * share) / gen_flops:.2f}x"
         gain = ""
         if oracle and base is not None:
             d = np.array(r["golden_all"]) - np.array(base["golden_all"])
