@@ -5,7 +5,7 @@ each is scored by the latent reward at its own noise level (DRM trains its rewar
 decode), the advantages are normalised within those k, and one child carries the trajectory on. Training takes a
 PPO-clipped step on every child's log-probability; the k children of a parent share one generator forward.
 
-Toy world (after the quick start `python train_reward.py`; about 9 minutes on 2 CPU cores):
+Toy world (after the quick start `python train_reward.py`; about 7.5 minutes on 2 CPU cores):
     python step_grpo.py                              # k = 2, 12 iterations, the latent reward out/reward-toy-dina
     python step_grpo.py --iters 24 --eval-interval 8 --out out/step-grpo-24   # grpo.py's 24 iterations, its forwards
     python step_grpo.py --k 4 --iters 24 --eval-interval 8 --out out/step-grpo-k4
