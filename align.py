@@ -9,13 +9,37 @@ The math (sde_step, cps_step, sample) lives in model.py; this file holds the plu
 import json
 import os
 import tempfile
+from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from data import save_curves
 from model import load_checkpoint, load_reward_model, sample, save_checkpoint, seeded
+
+# -----------------------------------------------------------------------------
+# Processes: one per GPU under torchrun (NCCL), or one or more on CPUs (gloo)
+
+
+def setup_distributed():
+    """-> (ddp, rank, world, device, autocast): torchrun's environment if RANK is set; bf16 autocast on CUDA only.
+    The stages end with a dist.barrier() and a normal exit, not destroy_process_group (which aborts under gloo)."""
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    return ddp, rank, world, device, autocast
+
+
+def print0(*a):
+    """print on rank 0 only (flushed: the lines show as they come under torchrun)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, flush=True)
+
 
 # -----------------------------------------------------------------------------
 # The generator as a policy: encode prompts once, LoRA on its transformer, the rewards beside it

@@ -29,9 +29,7 @@ std); it is applied with --score-normalisation plus12, and not by default.
 
 import argparse
 import json
-import os
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -163,19 +161,9 @@ def advantages(rewards, groups, weights, global_std=False, clip=5.0):
     return adv.clamp(-clip, clip)
 
 
-def print0(*a):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, flush=True)
-
-
 def main(args):
     args = resolve_args(args)
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    ddp, rank, world, device, autocast = align.setup_distributed()
     n_img = args.groups * args.group_size
     if n_img % (world * args.updates):
         raise ValueError(f"--groups {args.groups} x --group-size {args.group_size} = {n_img} images do not divide over "
@@ -223,9 +211,9 @@ def main(args):
 
     # ---------------------------------------------------------------------------- resume, or the evaluation before
     it, history, ckpt_path, log_path = align.start_run(args.out, args.resume, params, ema, opt, evaluate, rank, device)
-    print0(f"world {world}: {args.groups} prompts x {args.group_size} images = {n_img} per iteration, {n_local} per rank, "
+    align.print0(f"world {world}: {args.groups} prompts x {args.group_size} images = {n_img} per iteration, {n_local} per rank, "
            f"{args.updates} update(s); {sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
-    print0("before: " + align.describe_eval(history[0]))
+    align.print0("before: " + align.describe_eval(history[0]))
 
     # ---------------------------------------------------------------------------- the loop
     after_images = None

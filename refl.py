@@ -21,9 +21,7 @@ so its saved LoRA is the initial one). DiNa's README: ReFL hacks the reward; use
 
 import argparse
 import json
-import os
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -149,19 +147,9 @@ def real_latents(args, pipe, table, prompts, device):
     return (lat.cpu(), *align.embeds(table, names))
 
 
-def print0(*a):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, flush=True)
-
-
 def main(args):
     args = resolve_args(args)
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    ddp, rank, world, device, autocast = align.setup_distributed()
     micro = args.micro_batch or args.batch // world
     if args.batch % (micro * world):
         raise ValueError(f"--batch {args.batch} is not a multiple of --micro-batch {micro} x {world} rank(s)")
@@ -206,9 +194,9 @@ def main(args):
     # ---------------------------------------------------------------------------- resume, or the evaluation before
     it, history, ckpt_path, log_path = align.start_run(args.out, args.resume, params, ema, opt, evaluate, rank, device)
     best = None
-    print0(f"world {world}: {args.batch} images per step = micro {micro} x {n_local // micro} x {world} rank(s); "
+    align.print0(f"world {world}: {args.batch} images per step = micro {micro} x {n_local // micro} x {world} rank(s); "
            f"{sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
-    print0("before: " + align.describe_eval(history[0]))
+    align.print0("before: " + align.describe_eval(history[0]))
 
     # ---------------------------------------------------------------------------- the loop
     after_images, stale = None, 0
@@ -268,7 +256,7 @@ def main(args):
                 align.save_policy_state(ckpt_path, params, ema, opt, dict(args=vars(args), iteration=it, history=history))
         bar.update(1)
         if args.early_stop and stale >= args.early_stop:
-            print0(f"early stop at step {it}: the held-out proxy has not risen for {stale} evaluations; "
+            align.print0(f"early stop at step {it}: the held-out proxy has not risen for {stale} evaluations; "
                    f"exporting the weights of step {history[best[3] - 1]['iter']}")
             ema, after_images, history = best[1], best[2], history[:best[3]]
             break

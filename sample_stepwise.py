@@ -32,13 +32,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import align
-from model import SDE_STEPS, load_pipeline, sample, sd3_sigmas, sde_children, seeded, velocity, x0_hat
+from model import SCORE_NORMALISATIONS, SDE_STEPS, load_pipeline, sample, sd3_sigmas, sde_children, seeded, velocity, x0_hat
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--backbone", default="toy", help="the generator: tiny | toy | sd35m | sd35l")
 parser.add_argument("--backbone-path", default=None, help="diffusers folder or hub id overriding the preset")
 parser.add_argument("--reward", nargs="+", default=None, help="train_reward.py checkpoint(s) (toy: out/reward-toy-dina)")
 parser.add_argument("--reward-weight", nargs="+", type=float, default=None, help="weight of each reward (1)")
+parser.add_argument("--score-normalisation", default="raw", choices=list(SCORE_NORMALISATIONS), help="of the latent "
+                    "rewards: raw | plus10 | plus12 (affine: the argmax, and so --select best, does not change)")
 parser.add_argument("--prompts", default=None, help="prompts file, one per line (toy: out/toy/prompts_heldout.txt)")
 parser.add_argument("--prompt", default=None, help="one prompt instead of a file")
 parser.add_argument("--seeds", type=int, default=None, help="images per prompt, fixed seeds: 4 / toy 12")
@@ -136,7 +138,8 @@ def main(args):
     weights = args.reward_weight or [1.0] * len(paths)
     if len(weights) != len(paths):
         raise ValueError(f"--reward-weight has {len(weights)} values for {len(paths)} rewards")
-    rewards = align.load_rewards(paths, weights, transformer, None, device)
+    rewards = align.load_rewards(paths, weights, transformer, None, device,
+                                 normalisation=args.score_normalisation)
     sigmas = sd3_sigmas(args.steps, pipe.scheduler.config.get("shift", 3.0))
     lo, hi = args.steps_window
     if args.score == "noisy":

@@ -33,16 +33,15 @@ extra cost (printed each iteration).
 
 import argparse
 import json
-import os
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 import align
-from model import SDE_STEPS, children_log_prob, grpo_loss, load_pipeline, sd3_sigmas, sde_children, seeded, velocity
+from model import SCORE_NORMALISATIONS, SDE_STEPS, children_log_prob, grpo_loss, load_pipeline, sd3_sigmas, sde_children
+from model import seeded, velocity
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--backbone", default="toy", help="the generator: tiny | toy | sd35m | sd35l")
@@ -50,6 +49,8 @@ parser.add_argument("--backbone-path", default=None, help="diffusers folder or h
 parser.add_argument("--reward", nargs="+", default=None, help="train_reward.py checkpoint(s) that score noisy latents "
                     "(default on the toy: out/reward-toy-dina)")
 parser.add_argument("--reward-weight", nargs="+", type=float, default=None, help="weight of each reward (1)")
+parser.add_argument("--score-normalisation", default="raw", choices=list(SCORE_NORMALISATIONS), help="of the latent "
+                    "rewards: raw | plus10 | plus12 (both divide by 10: --std-floor is in the units chosen here)")
 parser.add_argument("--prompts", default=None, help="training prompts, one per line (toy: out/toy/prompts_train.txt)")
 parser.add_argument("--eval-prompts", default=None, help="fixed evaluation prompts seen in training (toy: the training ones)")
 parser.add_argument("--heldout-prompts", default=None, help="fixed held-out evaluation prompts (toy: out/toy/prompts_heldout.txt)")
@@ -134,19 +135,9 @@ def step_advantages(r, std_floor=0.0, clip=5.0):
     return ((r - r.mean(1, keepdim=True)) / (std.clamp_min(std_floor) + 1e-4)).clamp(-clip, clip)
 
 
-def print0(*a):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, flush=True)
-
-
 def main(args):
     args = resolve_args(args)
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    ddp, rank, world, device, autocast = align.setup_distributed()
     if args.trajectories % (world * args.updates):
         raise ValueError(f"--trajectories {args.trajectories} do not divide over {world} rank(s) x --updates {args.updates}")
     n_local = args.trajectories // world
@@ -159,7 +150,8 @@ def main(args):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     pipe = load_pipeline(args.backbone, args.backbone_path, args.seed, dtype=dtype).to(device)
     transformer, vae = pipe.transformer, pipe.vae
-    rewards = align.load_rewards(args.reward, args.reward_weight, transformer, None, device)
+    rewards = align.load_rewards(args.reward, args.reward_weight, transformer, None, device,
+                                 normalisation=args.score_normalisation)
     shift = pipe.scheduler.config.get("shift", 3.0)
     sigmas, eval_sigmas = sd3_sigmas(args.steps, shift), sd3_sigmas(args.eval_steps, shift)
     trained = list(range(*args.train_steps))
@@ -189,9 +181,9 @@ def main(args):
         return rep, imgs
 
     it, history, ckpt_path, log_path = align.start_run(args.out, args.resume, params, ema, opt, evaluate, rank, device)
-    print0(f"world {world}: {args.trajectories} trajectories per iteration, {n_local} per rank, k {args.k} children at "
+    align.print0(f"world {world}: {args.trajectories} trajectories per iteration, {n_local} per rank, k {args.k} children at "
            f"steps {trained}; {sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
-    print0("before: " + align.describe_eval(history[0]))
+    align.print0("before: " + align.describe_eval(history[0]))
 
     # ---------------------------------------------------------------------------- the loop
     after_images = None
