@@ -627,7 +627,7 @@ def main(args):
     write_json(os.path.join(tmp, "bench/generated.json"), generated)
     write_json(os.path.join(tmp, "bench/generated_oracle.json"), dict(zip(paths, g_scores.tolist())))
     given.update(zip(paths, bench_latents))
-    save_file({k: v.contiguous() for k, v in given.items()}, os.path.join(tmp, "image_latents.safetensors"))
+    save_file({k: v.clone() for k, v in given.items()}, os.path.join(tmp, "image_latents.safetensors"))
     for name, ps in (("train", train_prompts), ("heldout", heldout_prompts)):  # the alignment stages' prompt files
         with open(os.path.join(tmp, f"prompts_{name}.txt"), "w") as f:
             f.writelines(p + "\n" for p in ps)

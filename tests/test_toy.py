@@ -223,6 +223,21 @@ def test_prompt_lists(world):
     assert {r["prompt"] for r in load(os.path.join(world, "train.json"))} <= set(train)
 
 
+def test_mixed_pools_reuse_the_onpolicy_samples(world):
+    """A training prompt's samples are drawn once: all in its on-policy pool, the first --train-gen-per-prompt
+    of them also in its mixed pools (copies under other paths, the same latent)."""
+    args = load(os.path.join(world, "summary.json"))["args"]
+    from safetensors.torch import load_file
+    lat = {k: v for k, v in load_file(os.path.join(world, "image_latents.safetensors")).items()
+           if k.startswith("images/train/")}
+    n_prompts = len([p for p in toy.all_prompts() if not toy.is_heldout(p)])
+    distinct = {v.numpy().tobytes() for v in lat.values()}
+    assert len(distinct) == n_prompts * args["onpolicy_per_prompt"]
+    assert len(lat) == n_prompts * (args["onpolicy_per_prompt"] + args["train_gen_per_prompt"])
+    with pytest.raises(ValueError, match="--train-gen-per-prompt 3 > --onpolicy-per-prompt 2"):
+        toy.main(toy.parser.parse_args(["--train-gen-per-prompt", "3", "--onpolicy-per-prompt", "2", "--out", world + "-x"]))
+
+
 def test_best_of_k_closed_forms_and_run(world, capsys):
     """scripts/best_of_k.py: a reward equal to the oracle orders every counted pair and gains what the oracle
     gains; its negation orders none; the clustered standard error against a hand computation; and the script
