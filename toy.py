@@ -213,9 +213,9 @@ parser.add_argument("--ema", type=float, default=0.99)
 parser.add_argument("--sample-steps", type=int, default=10, help="Flow-GRPO's 10 steps: the samples an alignment stage draws")
 parser.add_argument("--cfg", type=float, default=4.0)
 parser.add_argument("--gen-per-prompt", type=int, default=3, help="generator samples in each test prompt's pool")
-parser.add_argument("--train-gen-per-prompt", type=int, default=16, help="of a training prompt's on-policy samples, how "
-                    "many also enter its mixed pools (2 in each, as in the test pools)")
-parser.add_argument("--onpolicy-per-prompt", type=int, default=32, help="generator samples per training prompt in an "
+parser.add_argument("--train-gen-per-prompt", type=int, default=16, help="generator samples per training prompt, "
+                    "spread over its mixed pools (2 in each, as in the test pools)")
+parser.add_argument("--onpolicy-per-prompt", type=int, default=16, help="generator samples per training prompt in an "
                     "on-policy pool of their own with 2 renders and 4 corrupted ones, ranked whole (HPDv3: generated "
                     "images of one prompt, and real ones, compared with each other)")
 parser.add_argument("--bench-per-prompt", type=int, default=16, help="K of bench/generated.json: samples from fresh seeds "
@@ -398,9 +398,6 @@ def main(args):
     if args.small:
         for k, v in SMALL.items():
             setattr(args, k, min(getattr(args, k) or v, v))  # 0 = all pairs: the small world's 200
-    if args.train_gen_per_prompt > args.onpolicy_per_prompt:
-        raise ValueError(f"--train-gen-per-prompt {args.train_gen_per_prompt} > --onpolicy-per-prompt "
-                         f"{args.onpolicy_per_prompt}: the mixed pools take their samples from the on-policy ones")
     if args.gen_per_prompt > args.bench_per_prompt:
         raise ValueError(f"--gen-per-prompt {args.gen_per_prompt} > --bench-per-prompt {args.bench_per_prompt}: the test "
                          f"pools take their generator samples from the on-policy benchmark's")
@@ -510,7 +507,7 @@ def main(args):
                                       sorted(rng.choice(len(train_prompts), args.test_train_prompts, replace=False))]
     # the training pools' samples; the benchmark's, from seeds never used for them (every training prompt and
     # held-out combo), also fill the test pools: no test image is a training image
-    train_gen = [p for p in train_prompts for _ in range(args.onpolicy_per_prompt)]
+    train_gen = [p for p in train_prompts for _ in range(args.train_gen_per_prompt + args.onpolicy_per_prompt)]
     bench_gen = [p for p in train_prompts + heldout_prompts for _ in range(args.bench_per_prompt)]
     samples, sample_latents = generate(pipe, train_gen, args.seed, args)
     bench, bench_latents = generate(pipe, bench_gen, args.seed + 1_000_003, args)
@@ -543,10 +540,8 @@ def main(args):
         avoid = set(map(tuple, TOY_HELDOUT)) if split == "train" else set()
         n_mixed = args.train_gen_per_prompt if split == "train" else args.gen_per_prompt
         for p in tqdm(split_prompts, desc=f"{split} pool", leave=False):
-            # a training prompt's samples all enter its on-policy pool, and the first n_mixed also its mixed pools
-            # (an image may be in two pools, as in HPDv3); a test pool takes n_mixed of the benchmark's K
-            own = gen[(split, p)] if split == "train" else []
             mixed = gen[(split, p)][:n_mixed]
+            own = gen[(split, p)][n_mixed:] if split == "train" else []  # a test pool takes n_mixed of the K
             # a training pool is built as a test pool is; pairs never cross pools (README: better than merged pools)
             r = rng_train if split == "train" else rng
             pools = [make_pool(p, r, n_wrong=n_wrong, avoid=avoid) + mixed[k::n_pools] for k in range(n_pools)]
