@@ -9,6 +9,10 @@ training, with their golden-oracle scores), for training and held-out prompts se
   (the most any reranker can gain), each with its standard error over prompts;
 - the within-prompt Pearson correlation of reward and oracle.
 
+A row "seen": the same figures on the generator samples of the training pools (train.json), the very latents the
+reward was trained on, training prompts only: a reward that orders fresh samples worse than these does not
+generalise; one that orders these no better does not fit them.
+
 A yardstick row, "vae": the oracle itself read off the VAE's reconstruction of each PNG (decode(encode(png))),
 used as the reward. What the latent keeps of the oracle's judgement is an upper bound of what a latent
 reward can pick; if it gets most of the oracle's gain, the limit is the reward model, not the VAE.
@@ -65,6 +69,25 @@ def summarise(groups, gap):
                 share=float(np.mean(gain_r) / max(np.mean(gain_o), 1e-9)), corr=float(np.mean(corr)), corr_se=se(corr))
 
 
+def seen_groups(sc, enc_txt, args, latents):
+    """The training pools' generator samples, read as their latents: [(reward (n,), oracle (n,))] per training prompt."""
+    paths = {}  # prompt -> the distinct generator images of its training pairs
+    for r in json.load(open(os.path.join(args.world, "train.json"))):
+        for k in ("1", "2"):
+            if r["model" + k] == "generator":
+                paths.setdefault(r["prompt"], set()).add(r["path" + k])
+    groups = []
+    for prompt, ps in sorted(paths.items()):
+        ps = sorted(ps)
+        z = torch.stack([latents[p] for p in ps])
+        pe, pooled = enc_txt([prompt])
+        eps = prompt_noise(args.seed, data.cache_key(prompt), 0, z.shape[1:])
+        r = sc.score_latents(z, eps.expand_as(z), pe.expand(len(z), -1, -1), pooled.expand(len(z), -1)).numpy()
+        o = toy_golden_score([data.load_image(os.path.join(args.world, p)) for p in ps], [prompt] * len(ps))
+        groups.append((r, o))
+    return groups
+
+
 @torch.no_grad()
 def main(args):
     bench = os.path.join(args.world, "bench")
@@ -96,6 +119,7 @@ def main(args):
             key = "held-out combos" if is_heldout(g["prompt"]) else "training prompts"
             split[key].append((r, np.array([oracle[p] for p in paths])))
         out[read] = {k: summarise(v, args.gap) for k, v in split.items()}
+    out["seen"] = {"training prompts": summarise(seen_groups(sc, enc_txt, args, latents), args.gap)}
     K = len(groups[0]["image_path"][:args.k])
     print(f"{sc.path} at t = {','.join(map(str, sc.ts))}: best of K = {K} generator samples per prompt ({args.world}/bench)")
     print(f"{'scored':<8}{'prompts':<18}{'n':>4}{'pairs':>7}  {'acc (gap > ' + str(args.gap) + ')':<18}"

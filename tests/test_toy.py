@@ -240,7 +240,7 @@ def test_every_training_sample_has_its_own_latent(world):
 def test_best_of_k_closed_forms_and_run(world, capsys):
     """scripts/best_of_k.py: a reward equal to the oracle orders every counted pair and gains what the oracle
     gains; its negation orders none; the clustered standard error against a hand computation; and the script
-    runs on the miniature world (training prompts and held-out combos, the latent and the PNG read)."""
+    runs on the miniature world (training prompts and held-out combos, the latent and the PNG read; the seen samples)."""
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
     import best_of_k
@@ -268,6 +268,7 @@ def test_best_of_k_closed_forms_and_run(world, capsys):
     out = best_of_k.main(best_of_k.parser.parse_args([ckpt, "--world", world]))
     for read in ("latent", "png", "vae"):
         assert out[read]["training prompts"]["prompts"] == 39 and out[read]["held-out combos"]["prompts"] == 15
+    assert 0 < out["seen"]["training prompts"]["prompts"] <= 39 and "held-out combos" not in out["seen"]
     assert "best of K = 2" in capsys.readouterr().out
 
 
