@@ -1,8 +1,9 @@
 """
-What the alignment stages share (grpo.py, refl.py; step_grpo.py and sample_stepwise.py next): the generator as a policy
-(prompts encoded once, LoRA on its transformer and its export in diffusers' format, the checkpoint of a run), the frozen
-rewards beside it (train_reward.py checkpoints checked against the generator, or the toy's golden oracle), the fixed
-evaluation, and the files a run writes (summary.json, curves.png, grid.png, the final lines).
+What the alignment stages share (grpo.py, refl.py, step_grpo.py, sample_stepwise.py): their processes (torchrun or
+not, print0), the generator as a policy (prompts encoded once, LoRA on its transformer and its export in diffusers'
+format, the checkpoint of a run), the frozen rewards beside it (train_reward.py checkpoints or released DiNa-LRM folders
+checked against the generator, or the toy's golden oracle), the fixed evaluation, and the files a run writes
+(summary.json, curves.png, grid.png, the final lines).
 
 The math (sde_step, cps_step, sample) lives in model.py; this file holds the plumbing the stages would otherwise copy.
 """
