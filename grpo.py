@@ -212,7 +212,7 @@ def main(args):
     # ---------------------------------------------------------------------------- resume, or the evaluation before
     it, history, ckpt_path, log_path = align.start_run(args.out, args.resume, params, ema, opt, evaluate, rank, device)
     align.print0(f"world {world}: {args.groups} prompts x {args.group_size} images = {n_img} per iteration, {n_local} per rank, "
-           f"{args.updates} update(s); {sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
+                 f"{args.updates} update(s); {sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
     align.print0("before: " + align.describe_eval(history[0]))
 
     # ---------------------------------------------------------------------------- the loop

@@ -195,7 +195,7 @@ def main(args):
     it, history, ckpt_path, log_path = align.start_run(args.out, args.resume, params, ema, opt, evaluate, rank, device)
     best = None
     align.print0(f"world {world}: {args.batch} images per step = micro {micro} x {n_local // micro} x {world} rank(s); "
-           f"{sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
+                 f"{sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
     align.print0("before: " + align.describe_eval(history[0]))
 
     # ---------------------------------------------------------------------------- the loop
@@ -257,7 +257,7 @@ def main(args):
         bar.update(1)
         if args.early_stop and stale >= args.early_stop:
             align.print0(f"early stop at step {it}: the held-out proxy has not risen for {stale} evaluations; "
-                   f"exporting the weights of step {history[best[3] - 1]['iter']}")
+                         f"exporting the weights of step {history[best[3] - 1]['iter']}")
             ema, after_images, history = best[1], best[2], history[:best[3]]
             break
     bar.close()

@@ -182,7 +182,7 @@ def main(args):
 
     it, history, ckpt_path, log_path = align.start_run(args.out, args.resume, params, ema, opt, evaluate, rank, device)
     align.print0(f"world {world}: {args.trajectories} trajectories per iteration, {n_local} per rank, k {args.k} children at "
-           f"steps {trained}; {sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
+                 f"steps {trained}; {sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
     align.print0("before: " + align.describe_eval(history[0]))
 
     # ---------------------------------------------------------------------------- the loop

@@ -69,6 +69,13 @@ def summarise(groups, gap):
                 share=float(np.mean(gain_r) / max(np.mean(gain_o), 1e-9)), corr=float(np.mean(corr)), corr_se=se(corr))
 
 
+def score_prompt(sc, enc_txt, prompt, z, seed):
+    """The reward of K latents (K,C,h,w) of one prompt, all under that prompt's one noise draw -> (K,) numpy."""
+    pe, pooled = enc_txt([prompt])
+    eps = prompt_noise(seed, data.cache_key(prompt), 0, z.shape[1:])
+    return sc.score_latents(z, eps.expand_as(z), pe.expand(len(z), -1, -1), pooled.expand(len(z), -1)).numpy()
+
+
 def seen_groups(sc, enc_txt, args, latents):
     """The training pools' generator samples, read as their latents: [(reward (n,), oracle (n,))] per training prompt."""
     paths = {}  # prompt -> the distinct generator images of its training pairs
@@ -79,10 +86,7 @@ def seen_groups(sc, enc_txt, args, latents):
     groups = []
     for prompt, ps in sorted(paths.items()):
         ps = sorted(ps)
-        z = torch.stack([latents[p] for p in ps])
-        pe, pooled = enc_txt([prompt])
-        eps = prompt_noise(args.seed, data.cache_key(prompt), 0, z.shape[1:])
-        r = sc.score_latents(z, eps.expand_as(z), pe.expand(len(z), -1, -1), pooled.expand(len(z), -1)).numpy()
+        r = score_prompt(sc, enc_txt, prompt, torch.stack([latents[p] for p in ps]), args.seed)
         o = toy_golden_score([data.load_image(os.path.join(args.world, p)) for p in ps], [prompt] * len(ps))
         groups.append((r, o))
     return groups
@@ -109,9 +113,7 @@ def main(args):
                 x = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample
                 r = toy_golden_score(x, [g["prompt"]] * len(z))
             else:
-                pe, pooled = enc_txt([g["prompt"]])
-                eps = prompt_noise(args.seed, data.cache_key(g["prompt"]), 0, z.shape[1:])
-                r = sc.score_latents(z, eps.expand_as(z), pe.expand(len(z), -1, -1), pooled.expand(len(z), -1)).numpy()
+                r = score_prompt(sc, enc_txt, g["prompt"], z, args.seed)
             if read == "png":  # what separates the samples, and how far the PNG's latent is from the generator's
                 parts = toy_golden_score(pngs, [g["prompt"]] * len(paths), parts=True)  # the oracle's weighted terms
                 terms.append({k: float(np.std(v)) for k, v in parts.items()})
