@@ -67,7 +67,7 @@ TOY_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 1
 TOY_HELDOUT = (("red", "triangle"), ("green", "circle"), ("blue", "square"), ("orange", "triangle"), ("purple", "square"))
 TOY_CORRUPTIONS = ("blur", "noise", "contrast", "clip")
 _COL, _BGC = np.array(list(TOY_COLORS.values()), float), np.array(list(TOY_BACKGROUNDS.values()), float)
-_SHAPE_FILL = np.array([[0.78], [1.0], [0.53]])  # object area / bbox area, measured on renders
+_SHAPE_CORNERS = np.array([[0.24, 0.24], [1.0, 1.0], [0.0, 0.8]])  # toy_read's corners (top, bottom), measured on renders
 _TOY_RE = re.compile(r"a (\w+) (\w+) on a (\w+) background")
 
 
@@ -136,7 +136,8 @@ def _soft_pick(x, palette, sigma):
 
 
 def toy_read(images):
-    """Pixels -> bg, fg (N,3) colours; fill (N,) object / bbox area; n_fg (N,) object pixels; resid (N,)
+    """Pixels -> bg, fg (N,3) colours; corners (N,2) how full the top and bottom corners of the object's box
+    are (the shape); n_fg (N,) object pixels; resid (N,)
     mean distance to the nearer of bg, fg (blur, noise); pal (N,) distance to the palettes (contrast, clip)."""
     x = _as_pixels(images)  # (N,H,W,3)
     n, h, w, _ = x.shape
@@ -149,13 +150,22 @@ def toy_read(images):
     mp = np.pad(m, ((0, 0), (1, 1), (1, 1))).astype(np.int8)
     m = m & (sum(mp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) >= 3)
     n_fg, rows, cols = m.sum((1, 2)), m.any(2), m.any(1)  # (N,), (N,H), (N,W)
-    hh, ww = (h - rows[:, ::-1].argmax(1)) - rows.argmax(1), (w - cols[:, ::-1].argmax(1)) - cols.argmax(1)
-    fill = np.where(n_fg > 0, n_fg / np.maximum(hh * ww, 1), 0.0)
+    top, left = rows.argmax(1), cols.argmax(1)  # the object's bounding box: rows top..bottom-1, columns left..right-1
+    bottom, right = h - rows[:, ::-1].argmax(1), w - cols[:, ::-1].argmax(1)
+    # shape: how full the four corner cells of the box are (each a quarter of its height and width), the two top
+    # ones averaged and the two bottom ones: on renders square (1, 1), circle (0.24, 0.24), triangle (0, 0.8).
+    # The fill ratio (object / box area) read the generator's squares, whose edges are a little ragged, as circles
+    v = (np.arange(h)[None, :, None] - top[:, None, None] + 0.5) / np.maximum(bottom - top, 1)[:, None, None]  # (N,H,1)
+    u = (np.arange(w)[None, None, :] - left[:, None, None] + 0.5) / np.maximum(right - left, 1)[:, None, None]  # (N,1,W)
+    lo_v, hi_v, lo_u, hi_u = (v > 0) & (v < 0.25), (v > 0.75) & (v < 1), (u > 0) & (u < 0.25), (u > 0.75) & (u < 1)
+    cells = [lo_v & lo_u, lo_v & hi_u, hi_v & lo_u, hi_v & hi_u]
+    occ = [(m & c).sum((1, 2)) / np.maximum(c.sum((1, 2)), 1) for c in cells]  # 4 x (N,)
+    corners = np.stack([(occ[0] + occ[1]) / 2, (occ[2] + occ[3]) / 2], 1)  # (N,2): top, bottom
     fg = (x * m[..., None]).sum((1, 2)) / np.maximum(n_fg, 1)[:, None]  # mean object colour
     fg = np.where(n_fg[:, None] > 0, fg, bg)  # no object: fg = bg
     resid = np.minimum(d, np.linalg.norm(x - fg[:, None, None], axis=-1)).mean((1, 2))
     pal = np.linalg.norm(fg[:, None] - _COL, axis=-1).min(1) + np.linalg.norm(bg[:, None] - _BGC, axis=-1).min(1)
-    return dict(bg=bg, fg=fg, fill=fill, n_fg=n_fg, resid=resid, pal=pal / 2)
+    return dict(bg=bg, fg=fg, corners=corners, n_fg=n_fg, resid=resid, pal=pal / 2)
 
 
 def toy_golden_score(images, prompts, parts=False):
@@ -171,7 +181,7 @@ def toy_golden_score(images, prompts, parts=False):
                   for j, names in enumerate((TOY_COLORS, TOY_SHAPES, TOY_BACKGROUNDS)))
     idx, has = np.arange(len(attrs)), r["n_fg"] >= 4  # no object -> no colour or shape credit
     p_col = _soft_pick(r["fg"], _COL, 25.0)[idx, ci] * has
-    p_shp = _soft_pick(r["fill"][:, None], _SHAPE_FILL, 0.06)[idx, si] * has
+    p_shp = _soft_pick(r["corners"], _SHAPE_CORNERS, 0.15)[idx, si] * has
     p_bg = _soft_pick(r["bg"], _BGC, 25.0)[idx, bi]
     fidelity = (p_col + p_shp + p_bg) / 3
     quality = np.exp(-r["resid"] / 15.0 - r["pal"] / 50.0)
@@ -203,7 +213,8 @@ parser.add_argument("--vae-lr", type=float, default=2e-3)
 parser.add_argument("--kl-weight", type=float, default=1e-6)
 parser.add_argument("--vae-corrupt", type=float, default=0.5, help="share of corrupted renders added to the VAE's data")
 # generator: rectified flow, logit-normal t (SD3), 10% empty-prompt dropout for CFG, EMA
-parser.add_argument("--gen-steps", type=int, default=1200)
+parser.add_argument("--gen-steps", type=int, default=1200, help="at 400 steps (lr 1e-3) its samples were coloured blobs, "
+                    "shape at chance (36%%); at 1200 (lr 2e-3) they draw the prompted shape 67%% of the time on training prompts")
 parser.add_argument("--gen-batch", type=int, default=32)
 parser.add_argument("--lr", type=float, default=2e-3)
 parser.add_argument("--warmup", type=int, default=50)
