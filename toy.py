@@ -9,7 +9,7 @@ Builds the toy world on disk (DESIGN.md section 8) from a seed (float-level nois
 The world itself lives here too (section "the world"): prompts, renderer, corruptions, the golden
 oracle `toy_golden_score` and the simulated annotators `toy_annotate`.
 
-Launch (6 to 10 minutes on 2 CPU cores, as fast as their float kernels: 369 s on one machine, 607 s on another):
+Launch (9 to 15 minutes on 2 CPU cores, as fast as their float kernels: 529 s on one machine; 5 of them train the generator):
 
   python toy.py                       # -> out/toy
   python toy.py --small --out /tmp/w  # a miniature world in seconds (tests)
@@ -152,9 +152,8 @@ def toy_read(images):
     n_fg, rows, cols = m.sum((1, 2)), m.any(2), m.any(1)  # (N,), (N,H), (N,W)
     top, left = rows.argmax(1), cols.argmax(1)  # the object's bounding box: rows top..bottom-1, columns left..right-1
     bottom, right = h - rows[:, ::-1].argmax(1), w - cols[:, ::-1].argmax(1)
-    # shape: how full the four corner cells of the box are (each a quarter of its height and width), the two top
-    # ones averaged and the two bottom ones: on renders square (1, 1), circle (0.24, 0.24), triangle (0, 0.8).
-    # The fill ratio (object / box area) read the generator's squares, whose edges are a little ragged, as circles
+    # shape: how full the box's corner cells (a quarter of its height and width) are, top two and bottom two averaged: on
+    # renders square (1, 1), circle (0.24, 0.24), triangle (0, 0.8); the fill ratio read ragged squares as circles
     v = (np.arange(h)[None, :, None] - top[:, None, None] + 0.5) / np.maximum(bottom - top, 1)[:, None, None]  # (N,H,1)
     u = (np.arange(w)[None, None, :] - left[:, None, None] + 0.5) / np.maximum(right - left, 1)[:, None, None]  # (N,1,W)
     lo_v, hi_v, lo_u, hi_u = (v > 0) & (v < 0.25), (v > 0.75) & (v < 1), (u > 0) & (u < 0.25), (u > 0.75) & (u < 1)
@@ -213,8 +212,7 @@ parser.add_argument("--vae-lr", type=float, default=2e-3)
 parser.add_argument("--kl-weight", type=float, default=1e-6)
 parser.add_argument("--vae-corrupt", type=float, default=0.5, help="share of corrupted renders added to the VAE's data")
 # generator: rectified flow, logit-normal t (SD3), 10% empty-prompt dropout for CFG, EMA
-parser.add_argument("--gen-steps", type=int, default=1200, help="at 400 steps (lr 1e-3) its samples were coloured blobs, "
-                    "shape at chance (36%%); at 1200 (lr 2e-3) they draw the prompted shape 67%% of the time on training prompts")
+parser.add_argument("--gen-steps", type=int, default=1200, help="its samples draw shapes (at 400: blobs; scripts/generator_steps.py)")
 parser.add_argument("--gen-batch", type=int, default=32)
 parser.add_argument("--lr", type=float, default=2e-3)
 parser.add_argument("--warmup", type=int, default=50)
@@ -226,18 +224,15 @@ parser.add_argument("--cfg", type=float, default=4.0)
 parser.add_argument("--gen-per-prompt", type=int, default=3, help="generator samples in each test prompt's pool")
 parser.add_argument("--train-gen-per-prompt", type=int, default=16, help="generator samples per training prompt, "
                     "spread over its mixed pools (2 in each, as in the test pools)")
-parser.add_argument("--onpolicy-per-prompt", type=int, default=16, help="generator samples per training prompt in an "
-                    "on-policy pool of their own with 2 renders and 4 corrupted ones, ranked whole (HPDv3: generated "
-                    "images of one prompt, and real ones, compared with each other)")
+parser.add_argument("--onpolicy-per-prompt", type=int, default=16, help="generator samples per training prompt in an on-policy "
+                    "pool with 2 renders and 4 corrupted ones, ranked whole (HPDv3: generated and real images of one prompt)")
 parser.add_argument("--bench-per-prompt", type=int, default=16, help="K of bench/generated.json: samples from fresh seeds "
                     "per training prompt and per held-out combination, ranked by the oracle")
-parser.add_argument("--reuse-pipeline", default=None, help="load the VAE and generator of a built world (its pipeline/) "
-                    "instead of training them: rebuilds only the data (equal to a full build of that seed)")
+parser.add_argument("--reuse-pipeline", default=None, help="a built world's pipeline/: its VAE and generator, untrained; only the data is rebuilt")
 parser.add_argument("--train-wrong", type=int, default=1, help="wrong-attribute renders per attribute in each training pool")
 # preference pairs (HPDv3) and benchmarks
-parser.add_argument("--train-pools", type=int, default=8, help="candidate pools per training prompt (image diversity); "
-                    "each is built like a test pool and pairs never cross pools")
-parser.add_argument("--n-train-pairs", type=int, default=0, help="0: every pair of every pool (37,440; ranked whole)")
+parser.add_argument("--train-pools", type=int, default=8, help="candidate pools per training prompt, each like a test pool; no pair crosses two")
+parser.add_argument("--n-train-pairs", type=int, default=0, help="0: every pair of every pool (46,449; ranked whole)")
 parser.add_argument("--n-test-pairs", type=int, default=800)
 parser.add_argument("--test-train-prompts", type=int, default=9, help="training prompts added to the test prompts")
 parser.add_argument("--train-raters", type=int, default=5)
@@ -249,8 +244,7 @@ parser.add_argument("--n-bench", type=int, default=300, help="pairs in each pair
 SMALL = dict(renders_per_prompt=4, train_pools=1, vae_steps=3, vae_batch=8, gen_steps=3, gen_batch=8, warmup=1, sample_steps=2,
              gen_per_prompt=1, train_gen_per_prompt=1, onpolicy_per_prompt=2, bench_per_prompt=2, train_wrong=1, n_train_pairs=200, n_test_pairs=60, test_train_prompts=2, n_bench=20)
 
-# -----------------------------------------------------------------------------
-# Pure helpers
+# ----------------------------------------------------------------------------- pure helpers
 
 
 def warmup_cosine(step, warmup, total):

@@ -291,7 +291,7 @@ def main(args):
     if args.backbone == "toy" and args.data == TOY_WORLD["data"] and not os.path.isfile("out/toy/summary.json"):
         if master:
             import toy
-            print0("building the toy world into out/toy/ (first use, about 6 minutes on 2 CPU cores)")
+            print0("building the toy world into out/toy/ (first use, about 9 to 15 minutes on 2 CPU cores)")
             toy.build("out/toy", seed=args.seed)
         barrier()
     if args.data is None:

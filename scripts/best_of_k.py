@@ -37,7 +37,7 @@ import data  # noqa: E402
 from eval_reward import Scorer  # noqa: E402
 from model import prompt_noise  # noqa: E402
 from model import load_pipeline  # noqa: E402
-from toy import is_heldout, toy_golden_score  # noqa: E402
+from toy import is_heldout, oracle_read, parse_toy_prompt, toy_golden_score  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("ckpt", help="checkpoint folder (or .safetensors) of a toy reward model")
@@ -67,6 +67,23 @@ def summarise(groups, gap):
     return dict(prompts=P, pairs=int(n.sum()), acc=float(acc), acc_se=float(acc_se), gain_reward=float(np.mean(gain_r)),
                 gain_reward_se=se(gain_r), gain_oracle=float(np.mean(gain_o)), gain_oracle_se=se(gain_o),
                 share=float(np.mean(gain_r) / max(np.mean(gain_o), 1e-9)), corr=float(np.mean(corr)), corr_se=se(corr))
+
+
+def by_kind(rows, gap):
+    """rows [(reward (K,), oracle (K,), shape read right (K,), colour read right (K,))] of one split -> {kind: (correct,
+    pairs)} over the pairs with an oracle gap above `gap`, by what the oracle reads off the two samples."""
+    out = {}
+    for r, o, shape_ok, colour_ok in rows:
+        i, j = np.triu_indices(len(o), 1)
+        keep = np.abs(o[i] - o[j]) > gap
+        good = (r[i] - r[j]) * np.sign(o[i] - o[j]) > 0
+        kind = np.where(shape_ok[i] != shape_ok[j], "shape right vs wrong",
+                        np.where(colour_ok[i] != colour_ok[j], "colour right vs wrong", "same reads"))
+        for k in np.unique(kind[keep]):
+            m = keep & (kind == k)
+            c, n = out.get(str(k), (0, 0))
+            out[str(k)] = (c + int(good[m].sum()), n + int(m.sum()))
+    return out
 
 
 def score_prompt(sc, enc_txt, prompt, z, seed):
@@ -101,6 +118,7 @@ def main(args):
     sc = Scorer(args.ckpt, t=args.t, seed=args.seed)
     enc_img, enc_txt = sc.encoders()
     vae = load_pipeline(sc.a["backbone"], sc.a.get("backbone_path"), with_transformer=False).vae
+    kinds = {"training prompts": [], "held-out combos": []}  # the latent read, with the oracle's reading of each sample
     out, shift, terms = {}, [], []  # shift: ||encode(decode(z)) - z|| / ||z|| per prompt, the generator's latent vs its PNG's
     for read in ("latent", "png", "vae"):
         split = {"training prompts": [], "held-out combos": []}
@@ -120,6 +138,10 @@ def main(args):
                 shift.append(float((z - z_gen).norm() / z_gen.norm()))
             key = "held-out combos" if is_heldout(g["prompt"]) else "training prompts"
             split[key].append((r, np.array([oracle[p] for p in paths])))
+            if read == "latent":
+                want, reads = parse_toy_prompt(g["prompt"]), [parse_toy_prompt(p) for p in oracle_read(pngs)]
+                right = np.array([[a == b for a, b in zip(rd[:2], want[:2])] for rd in reads])  # (K, 2): colour, shape
+                kinds[key].append((r, split[key][-1][1], right[:, 1], right[:, 0]))
         out[read] = {k: summarise(v, args.gap) for k, v in split.items()}
     out["seen"] = {"training prompts": summarise(seen_groups(sc, enc_txt, args, latents), args.gap)}
     K = len(groups[0]["image_path"][:args.k])
@@ -131,6 +153,11 @@ def main(args):
             print(f"{read:<8}{k:<18}{s['prompts']:>4}{s['pairs']:>7}  {100 * s['acc']:6.2f} +- {100 * s['acc_se']:4.2f}%    "
                   f"{s['gain_reward']:+.3f} +- {s['gain_reward_se']:.3f}  {s['gain_oracle']:+.3f} +- {s['gain_oracle_se']:.3f}  "
                   f"{100 * s['share']:5.0f}%  {s['corr']:.2f} +- {s['corr_se']:.2f}")
+    for key, rows in kinds.items():
+        acc = by_kind(rows, args.gap)
+        print(f"latent read, {key}, by what the oracle reads off the two samples: "
+              + ", ".join(f"{k} {c / n:.1%} of {n}" for k, (c, n) in sorted(acc.items())))
+        out["latent"][key]["by_kind"] = {k: dict(correct=c, pairs=n) for k, (c, n) in acc.items()}
     print("what separates the samples of one prompt: within-prompt std of the oracle's weighted terms, "
           + ", ".join(f"{k} {np.mean([t[k] for t in terms]):.3f}" for k in terms[0]))
     print(f"the PNG's latent differs from the generator's own by {np.mean(shift):.1%} of its norm "
