@@ -310,8 +310,11 @@ def test_two_processes_equal_one(world, tmp_path, stage):
         if stage != "refl":
             assert a["kl"] == pytest.approx(b["kl"], abs=1e-9)
     w1, w2 = (model.load_checkpoint(str(o / "ckpt.safetensors"))[0] for o in (outs[1], outs[2]))
+    # atol: 0.5% of one Adam step at lr 1e-2 (a wrong average over ranks moves a weight by about lr). Adam divides
+    # by the gradient's own scale, so a float-level difference of a small gradient element between 1 and 2
+    # processes reaches the weight; on one AVX-512 machine a single element of 240 tensors was 1.09e-5 apart
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4, msg=k)
+        torch.testing.assert_close(w1[k], w2[k], atol=5e-5, rtol=1e-4, msg=k)
 
 
 def test_bad_input(world, tmp_path, monkeypatch):
