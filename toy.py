@@ -228,7 +228,7 @@ parser.add_argument("--onpolicy-per-prompt", type=int, default=16, help="generat
                     "pool with 2 renders and 4 corrupted ones, ranked whole (HPDv3: generated and real images of one prompt)")
 parser.add_argument("--bench-per-prompt", type=int, default=16, help="K of bench/generated.json: samples from fresh seeds "
                     "per training prompt and per held-out combination, ranked by the oracle")
-parser.add_argument("--reuse-pipeline", default=None, help="a built world's pipeline/: its VAE and generator, untrained; only the data is rebuilt")
+parser.add_argument("--reuse-pipeline", default=None, help="a built world's pipeline/: its VAE and generator, not retrained; only the data is rebuilt")
 parser.add_argument("--train-wrong", type=int, default=1, help="wrong-attribute renders per attribute in each training pool")
 # preference pairs (HPDv3) and benchmarks
 parser.add_argument("--train-pools", type=int, default=8, help="candidate pools per training prompt, each like a test pool; no pair crosses two")

@@ -78,6 +78,7 @@ def main(args):
     g = torch.Generator().manual_seed(args.seed)
     evals = {int(e) for e in args.evals.split(",")} | {args.steps}  # the last step always: its samples make the grid
     t0 = time.time()
+    # toy.py main()'s generator step, line for line (not shared: toy.py is at its 650-line budget; keep the two equal)
     for step in range(1, args.steps + 1):
         idx = torch.randint(len(latents), (args.batch,), generator=g)
         x0, c = latents[idx], pid[idx]

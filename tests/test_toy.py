@@ -74,10 +74,10 @@ def test_oracle_reads_ragged_squares_as_squares():
         ragged.append(r)
         c = x.copy()
         q = s // 3
-        for i in range(q):  # each corner cut along its diagonal
-            for rows, cols in (((y0 + i,), (x0, x0 + q - i)), ((y0 + s - 1 - i,), (x0, x0 + q - i))):
-                c[rows[0], cols[0]:cols[1]] = 255
-                c[rows[0], x0 + s - (q - i):x0 + s] = 255
+        for i in range(q):  # each corner cut along its diagonal: row i from the top and from the bottom
+            for row in (y0 + i, y0 + s - 1 - i):
+                c[row, x0:x0 + q - i] = 255
+                c[row, x0 + s - (q - i):x0 + s] = 255
         cut.append(c)
     read = [parse_toy_prompt(p)[1] for p in toy.oracle_read(np.stack(ragged))]
     assert read.count("square") >= 0.9 * len(read)
