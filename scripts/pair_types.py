@@ -5,6 +5,8 @@ oracle gap, and on seen vs held-out (colour, shape) combinations.
 
   python eval_reward.py --ckpt out/reward-toy-dina
   python scripts/pair_types.py out/reward-toy-dina/scores.jsonl      # [--world out/toy] [--t 0.08]
+  python eval_reward.py --ckpt out/reward-toy-dina --bench hpdv3/train=out/toy/train.json --out out/evtrain
+  python scripts/pair_types.py out/evtrain/scores.jsonl --split train  # does it fit its own training pairs
 """
 import argparse
 import collections
@@ -15,23 +17,32 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from toy import TOY_HELDOUT, parse_toy_prompt  # noqa: E402
+import data  # noqa: E402
+from toy import TOY_HELDOUT, parse_toy_prompt, toy_golden_score  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("scores", help="scores.jsonl of eval_reward.py (its hpdv3 rows) or of scripts/probe_latents.py")
 parser.add_argument("--world", default="out/toy")
 parser.add_argument("--t", type=float, default=None, help="which noise level's rows (default: the first one)")
+parser.add_argument("--split", default="test", choices=("test", "train"), help="train: the training pairs (scores of eval_reward.py "
+                    "--bench hpdv3/train=out/toy/train.json): does the reward fit them; the oracle is read off their images")
 
 
 def main(args):
-    test = json.load(open(os.path.join(args.world, "test.json")))
-    oracle = json.load(open(os.path.join(args.world, "test_oracle.json")))
+    test = json.load(open(os.path.join(args.world, f"{args.split}.json")))
+    if args.split == "test":
+        oracle = json.load(open(os.path.join(args.world, "test_oracle.json")))
+    else:  # no oracle file for the training images: score them here
+        paths = sorted({r[k] for r in test for k in ("path1", "path2")})
+        prompt = {r[k]: r["prompt"] for r in test for k in ("path1", "path2")}
+        images = [data.load_image(os.path.join(args.world, p)) for p in paths]
+        oracle = dict(zip(paths, toy_golden_score(images, [prompt[p] for p in paths]).tolist()))
     rows = [json.loads(l) for l in open(args.scores)]
     rows = [r for r in rows if r["benchmark"] == "hpdv3" and r.get("run", "main") == "main"]
     t = rows[0]["t"] if args.t is None else [args.t]
     rows = {r["pair"]: r for r in rows if r["t"] == t}
     if len(rows) != len(test):
-        raise ValueError(f"{args.scores}: {len(rows)} hpdv3 rows at t={t}, but {len(test)} pairs in {args.world}/test.json")
+        raise ValueError(f"{args.scores}: {len(rows)} hpdv3 rows at t={t}, but {len(test)} pairs in {args.world}/{args.split}.json")
     groups = collections.defaultdict(list)
     for i, rec in enumerate(test):
         ok = rows[i]["r_chosen"] > rows[i]["r_rejected"]
