@@ -9,7 +9,7 @@ Builds the toy world on disk (DESIGN.md section 8) from a seed (float-level nois
 The world itself lives here too (section "the world"): prompts, renderer, corruptions, the golden
 oracle `toy_golden_score` and the simulated annotators `toy_annotate`.
 
-Launch (9 to 15 minutes on 2 CPU cores, as fast as their float kernels: 529 s on one machine; 5 of them train the generator):
+Launch (about 16 minutes on 2 cores of an AMD EPYC: 2 train the VAE, 8 the generator, 6 sample it; faster CPUs take less):
 
   python toy.py                       # -> out/toy
   python toy.py --small --out /tmp/w  # a miniature world in seconds (tests)
@@ -222,10 +222,10 @@ parser.add_argument("--ema", type=float, default=0.99)
 parser.add_argument("--sample-steps", type=int, default=10, help="Flow-GRPO's 10 steps: the samples an alignment stage draws")
 parser.add_argument("--cfg", type=float, default=4.0)
 parser.add_argument("--gen-per-prompt", type=int, default=3, help="generator samples in each test prompt's pool")
-parser.add_argument("--train-gen-per-prompt", type=int, default=16, help="generator samples per training prompt, "
-                    "spread over its mixed pools (2 in each, as in the test pools)")
-parser.add_argument("--onpolicy-per-prompt", type=int, default=16, help="generator samples per training prompt in an on-policy "
-                    "pool with 2 renders and 4 corrupted ones, ranked whole (HPDv3: generated and real images of one prompt)")
+parser.add_argument("--train-gen-per-prompt", type=int, default=16, help="generator samples per training prompt, 2 per mixed pool")
+parser.add_argument("--onpolicy-per-prompt", type=int, default=80, help="generator samples per training prompt, in on-policy pools of "
+                    "--onpolicy-pool samples, 2 renders and 4 corrupted ones, each ranked whole (HPDv3; README: 16 -> 80)")
+parser.add_argument("--onpolicy-pool", type=int, default=16)
 parser.add_argument("--bench-per-prompt", type=int, default=16, help="K of bench/generated.json: samples from fresh seeds "
                     "per training prompt and per held-out combination, ranked by the oracle")
 parser.add_argument("--reuse-pipeline", default=None, help="a built world's pipeline/: its VAE and generator, not retrained; only the data is rebuilt")
@@ -241,8 +241,8 @@ parser.add_argument("--rater-noise", type=float, default=0.1)
 parser.add_argument("--tie-margin", type=float, default=0.05, help="oracle gap below which annotators tie")
 parser.add_argument("--bothbad", type=float, default=0.5, help="GenAI-Bench: both oracle scores below -> bothbad_vote")
 parser.add_argument("--n-bench", type=int, default=300, help="pairs in each pairwise benchmark")
-SMALL = dict(renders_per_prompt=4, train_pools=1, vae_steps=3, vae_batch=8, gen_steps=3, gen_batch=8, warmup=1, sample_steps=2,
-             gen_per_prompt=1, train_gen_per_prompt=1, onpolicy_per_prompt=2, bench_per_prompt=2, train_wrong=1, n_train_pairs=200, n_test_pairs=60, test_train_prompts=2, n_bench=20)
+SMALL = dict(renders_per_prompt=4, train_pools=1, vae_steps=3, vae_batch=8, gen_steps=3, gen_batch=8, warmup=1, sample_steps=2, gen_per_prompt=1,
+             train_gen_per_prompt=1, onpolicy_per_prompt=3, onpolicy_pool=2, bench_per_prompt=2, train_wrong=1, n_train_pairs=200, n_test_pairs=60, test_train_prompts=2, n_bench=20)
 
 # ----------------------------------------------------------------------------- pure helpers
 
@@ -550,8 +550,8 @@ def main(args):
             # a training pool is built as a test pool is; pairs never cross pools (README: better than merged pools)
             r = rng_train if split == "train" else rng
             pools = [make_pool(p, r, n_wrong=n_wrong, avoid=avoid) + mixed[k::n_pools] for k in range(n_pools)]
-            if own:  # the on-policy pool: the generator's own samples of the prompt against each other and real images
-                pools.append(make_pool(p, r, n_clean=2, n_strengths=1, n_wrong=0) + own)
+            for k in range(0, len(own), args.onpolicy_pool):  # on-policy pools: its own samples against each other and real images
+                pools.append(make_pool(p, r, n_clean=2, n_strengths=1, n_wrong=0) + own[k:k + args.onpolicy_pool])
             for pool in pools:
                 groups.append(list(range(len(items), len(items) + len(pool))))
                 items += [(f"images/{split}/{len(images) + j:05d}.png", src, p) for j, (_, src) in enumerate(pool)]

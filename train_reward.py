@@ -1,7 +1,7 @@
 """
 Train a diffusion-native latent reward model on preference pairs.
 
-Quick start (the toy world is built into out/toy/ on first use; about 11 minutes on 2 CPU cores):
+Quick start (the toy world is built into out/toy/ on first use; 17 to 25 minutes on 2 CPU cores):
     python train_reward.py
 DiNa-LRM on HPDv3 with SD3.5-M, 8 GPUs (encode the cache once, then train as often as you like):
     torchrun --nproc_per_node=8 train_reward.py --backbone sd35m --head dina \
@@ -112,9 +112,10 @@ TOY_RECIPE = dict(steps=600, global_batch=32, lr=1e-3, warmup=50, lr_schedule="c
 # were tuned on SD3.5's 128x128 latents; SD3's resolution shift with s = sqrt(16*16 / (128*128)) = 1/8 maps them to
 # the same signal-to-noise at 16x16: t ~ shift_t(U(0,1), 1/8), t_eval = shift_t(0.4, 1/8) = 0.08 (README: measured
 # against the unshifted recipe, `--t-shift 1 --t-eval 0.4`). A step trains on every pair of the pools it forwards
-# (--batching groups); its 4 kept blocks are fully fine-tuned, 3.2M parameters with the head (README: LoRA learns less).
+# (--batching groups); its 4 kept blocks are fully fine-tuned, 3.2M parameters with the head (README: LoRA learns less);
+# 1,200 steps, because the generator's own samples are learnt late (README: at 600 the pick gains a third of the oracle's).
 TOY_WORLD = dict(data="out/toy/train.json", eval_data="out/toy/test.json", t_shift=0.125, t_eval=0.08, batching="groups",
-                 full_finetune=True, lr=5e-4)
+                 full_finetune=True, lr=5e-4, steps=1200)
 
 
 def parse(argv=None):
@@ -291,7 +292,7 @@ def main(args):
     if args.backbone == "toy" and args.data == TOY_WORLD["data"] and not os.path.isfile("out/toy/summary.json"):
         if master:
             import toy
-            print0("building the toy world into out/toy/ (first use, about 9 to 15 minutes on 2 CPU cores)")
+            print0("building the toy world into out/toy/ (first use, 12 to 17 minutes on 2 CPU cores)")
             toy.build("out/toy", seed=args.seed)
         barrier()
     if args.data is None:

@@ -252,7 +252,7 @@ def test_prompt_lists(world):
 
 def test_every_training_sample_has_its_own_latent(world):
     """image_latents.safetensors holds the generator's own latent of every training sample, each drawn once:
-    --train-gen-per-prompt in the mixed pools and --onpolicy-per-prompt in the on-policy pool, per prompt."""
+    --train-gen-per-prompt in the mixed pools and --onpolicy-per-prompt in the on-policy pools, per prompt."""
     from safetensors.torch import load_file
     args = load(os.path.join(world, "summary.json"))["args"]
     lat = {k: v for k, v in load_file(os.path.join(world, "image_latents.safetensors")).items()
@@ -262,6 +262,13 @@ def test_every_training_sample_has_its_own_latent(world):
     assert len({v.numpy().tobytes() for v in lat.values()}) == len(lat)
     gen = {r[f"path{k}"] for r in load(os.path.join(world, "train.json")) for k in "12" if r[f"model{k}"] == "generator"}
     assert gen <= set(lat)
+    # the on-policy samples go in pools of --onpolicy-pool (3 in pools of 2 and 1 here), each with real images of its own
+    p, rng = toy.all_prompts()[0], np.random.default_rng(0)
+    mixed, real = len(toy.make_pool(p, rng, n_wrong=args["train_wrong"])), len(toy.make_pool(p, rng, 2, 1, 0))
+    n_own = -(-args["onpolicy_per_prompt"] // args["onpolicy_pool"])  # ceil
+    assert n_own == 2
+    per_prompt = args["train_pools"] * mixed + n_own * real + args["onpolicy_per_prompt"] + args["train_gen_per_prompt"]
+    assert load(os.path.join(world, "summary.json"))["pairs"]["train_images"] == n_prompts * per_prompt
 
 
 def test_best_of_k_closed_forms_and_run(world, capsys):
