@@ -39,17 +39,19 @@ SCHEDULES = {"flow-grpo (SDE 0-9, train 0-8)": (list(range(10)), list(range(9)))
              "window 6-8 (ODE elsewhere)": ([6, 7, 8], [6, 7, 8])}
 
 
-def batch_gradient(tr, params, table, neg, sigmas, reward, prompts, b, args, sde, trained):
+def batch_gradient(tr, vae, params, table, neg, sigmas, reward, prompts, b, args, sde, trained):
     """One batch's policy gradient (flattened LoRA grads, per trained step) and its rewards' within-group std."""
     n = args.groups * args.group_size
     order = torch.randperm(len(prompts), generator=seeded(args.seed, b, 0)).tolist()
     ps = [prompts[order[i // args.group_size % len(order)]] for i in range(n)]
     gens = [seeded(args.seed, b, i) for i in range(n)]
-    z = torch.stack([torch.randn(tr.config.in_channels, *args.shape, generator=g) for g in gens])
+    side = tr.config.sample_size  # the latent's side
+    z = torch.stack([torch.randn(tr.config.in_channels, side, side, generator=g) for g in gens])
     pe, pooled = align.embeds(table, ps)
     with torch.no_grad():
         out = sample(tr, z, sigmas, pe, pooled, args.cfg, neg, args.noise_level, sde, gens)
-        r = align.score_rewards(reward, out["latents"], ps, table, [(args.seed, b, i, 7) for i in range(n)], args.decode)
+        r = align.score_rewards(reward, out["latents"], ps, table, [(args.seed, b, i, 7) for i in range(n)],
+                                lambda lat: align.decode_latents(vae, lat))
     groups = torch.arange(n) // args.group_size
     adv = grpo.advantages(r, groups, [1.0])
     per_step = []
@@ -67,6 +69,8 @@ def batch_gradient(tr, params, table, neg, sigmas, reward, prompts, b, args, sde
 
 
 def main(args):
+    if args.batches < 3:
+        raise ValueError(f"--batches {args.batches}: at least 3, for the spread of the pairs' cosines")
     pipe = load_pipeline("toy", None, 0)
     tr = pipe.transformer
     prompts = align.read_prompts(args.prompts)
@@ -74,14 +78,12 @@ def main(args):
     neg = align.embeds(table, [""])
     params = align.add_policy_lora(tr, 8, 16)
     sigmas = sd3_sigmas(10, pipe.scheduler.config.get("shift", 3.0))
-    args.shape = (tr.config.sample_size,) * 2
-    args.decode = lambda lat: align.decode_latents(pipe.vae, lat)
     n = args.groups * args.group_size
     for name in args.reward:
         reward = align.load_rewards([name], [1.0], tr, None, "cpu", oracle_ok=True)
         for label, (sde, trained) in SCHEDULES.items():
             t0 = time.time()
-            runs = [batch_gradient(tr, params, table, neg, sigmas, reward, prompts, b, args, sde, trained)
+            runs = [batch_gradient(tr, pipe.vae, params, table, neg, sigmas, reward, prompts, b, args, sde, trained)
                     for b in range(args.batches)]
             grads = [g.sum(0) for g, _ in runs]
             cos = torch.tensor([torch.nn.functional.cosine_similarity(grads[i], grads[j], 0).item()
