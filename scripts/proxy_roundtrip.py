@@ -2,7 +2,8 @@
 Where does an aligned policy's proxy gain live: in the picture, or only in the latent? Scores the fixed evaluation
 samples (the alignment stages' seeds, ODE, CFG 4.5) of the base generator and of the aligned LoRA two ways: the latent
 reward on the generator's own latents (what the stage optimised), and on the VAE re-encodings of their decoded images
-(what survives a round trip through pixels); and the golden oracle. A gain only in the first column is latent hacking.
+(what survives a round trip through pixels); and the golden oracle, with its weighted terms (what a golden gain is
+made of: colour, shape, background, quality). A gain only in the first column is latent hacking.
 
     python scripts/proxy_roundtrip.py out/grpo/lora                 # toy world, reward out/reward-toy-dina
 """
@@ -48,8 +49,11 @@ def main(args):
         rows[tag] = (score_rewards(rewards, z, names, table, keys)[0].mean().item(),
                      score_rewards(rewards, again, names, table, keys)[0].mean().item(),
                      float(toy.toy_golden_score(images, names).mean()))
+        terms = toy.toy_golden_score(images, names, parts=True)
         print(f"{tag:8s} reward of its latents {rows[tag][0]:+.4f} | of the re-encoded images {rows[tag][1]:+.4f} | "
-              f"golden {rows[tag][2]:.4f}  ({len(items)} samples)")
+              f"golden {rows[tag][2]:.4f} = " + " + ".join(f"{k} {terms[k].mean():.4f}" for k in
+                                                          ("color", "shape", "background", "quality")) +
+              f"  ({len(items)} samples)")
     d = [a - b for a, b in zip(rows["aligned"], rows["base"])]
     print(f"gain     latents {d[0]:+.4f} | re-encoded images {d[1]:+.4f} | golden {d[2]:+.4f}")
 
