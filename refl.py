@@ -178,10 +178,13 @@ def main(args):
     neg = align.embeds(table, [""], device)
     seeds = dict(train=args.eval_seeds, heldout=args.heldout_seeds)
     weights = torch.tensor(args.reward_weight, device=device)[:, None]
+    # the evaluation's proxy: the weighted sum of the rewards; with every weight 0 (the flow-matching-only
+    # control, --reward-weight 0) their plain sum, so the control still shows what the reward reads
+    proxy_weights = weights if weights.abs().sum() > 0 else torch.ones_like(weights)
 
-    def proxy(lat, prompts):  # the evaluation's proxy: the weighted sum of the rewards (fixed reward noise)
+    def proxy(lat, prompts):  # (fixed reward noise)
         keys = [(args.seed, 10 ** 9, i) for i in range(len(lat))]
-        return (weights * align.score_rewards(rewards, lat, prompts, table, keys)).sum(0)
+        return (proxy_weights * align.score_rewards(rewards, lat, prompts, table, keys)).sum(0)
 
     def evaluate():
         align.swap_weights(params, ema)
