@@ -161,7 +161,7 @@ def main(args):
     print("what separates the samples of one prompt: within-prompt std of the oracle's weighted terms, "
           + ", ".join(f"{k} {np.mean([t[k] for t in terms]):.3f}" for k in terms[0]))
     print(f"the PNG's latent differs from the generator's own by {np.mean(shift):.1%} of its norm "
-          f"(||encode(decode(z)) - z|| / ||z||, mean over prompts): what the reward reads in alignment is not what it was trained on")
+          f"(||encode(decode(z)) - z|| / ||z||, mean over prompts): the PNG read is not the read alignment uses")
     path = os.path.join(os.path.dirname(os.path.abspath(sc.path)), f"best_of_{K}.json")
     with open(path, "w") as f:
         json.dump(dict(ckpt=sc.path, t=list(sc.ts), k=K, gap=args.gap, results=out, latent_shift=float(np.mean(shift))), f, indent=1)
