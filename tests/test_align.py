@@ -248,6 +248,16 @@ def test_no_decode_or_text_encoding_in_the_loop(world, tmp_path, monkeypatch):
     assert calls["encode"] == 2  # once per run
 
 
+def test_refl_control_still_reports_the_proxy(world, tmp_path):
+    """--reward-weight 0 (flow matching only): the evaluation's proxy is the reward's own reading, not 0."""
+    refl.main(refl_args(world, tmp_path / "w1", "--iters", "1", "--fm-weight", "1"))
+    refl.main(refl_args(world, tmp_path / "w0", "--iters", "1", "--fm-weight", "1", "--reward-weight", "0"))
+    w1, w0 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("w1", "w0"))
+    assert w0["reward_before_train"] != 0
+    assert w0["reward_before_train"] == pytest.approx(w1["reward_before_train"], rel=1e-6)
+    assert w0["reward_before_heldout"] == pytest.approx(w1["reward_before_heldout"], rel=1e-6)
+
+
 def refl_args(w, out, *extra):
     return refl.parser.parse_args(["--backbone", "tiny", "--reward", str(w / "reward"), "--prompts", str(w / "train.txt"),
                                    "--fm-weight", "0",
