@@ -36,7 +36,8 @@ parser.add_argument("--backbone", default="toy", help="the generator: tiny | toy
 parser.add_argument("--backbone-path", default=None, help="diffusers folder or hub id overriding the preset")
 parser.add_argument("--reward", nargs="+", default=None, help="train_reward.py checkpoint folder(s) or released DiNa-LRM "
                     "folders (default on the toy: out/reward-toy-dina); 'oracle' is not differentiable and is refused")
-parser.add_argument("--reward-weight", nargs="+", type=float, default=None, help="weight of each reward (1)")
+parser.add_argument("--reward-weight", nargs="+", type=float, default=None,
+                    help="weight of each reward (1); all 0: the flow-matching-only control, its evaluation still reports the rewards")
 parser.add_argument("--reward-t", type=float, default=None,
                     help="noise level the reward reads (default: its checkpoint's t_eval)")
 parser.add_argument("--score-normalisation", default="raw", choices=list(SCORE_NORMALISATIONS),
