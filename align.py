@@ -11,14 +11,15 @@ import json
 import os
 import tempfile
 from contextlib import nullcontext
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
 
-from data import save_curves
-from model import load_checkpoint, load_reward_model, sample, save_checkpoint, seeded
+import released
+from model import atomic_write, load_checkpoint, sample, save_checkpoint, seeded
 
 # -----------------------------------------------------------------------------
 # Processes: one per GPU under torchrun (NCCL), or one or more on CPUs (gloo)
@@ -177,20 +178,27 @@ def truncate_log(path, it):
         open(path, "w").writelines(keep)
 
 
-def load_rewards(paths, weights, transformer, t=None, device="cpu", oracle_ok=False, normalisation="raw"):
+class Oracle(NamedTuple):
+    """A golden judge of decoded images, passed in by a stage (the toy world's: toy_golden_score and match_stats).
+    score(images, prompts) -> (B,) array in [0, 1]; match(images, prompts) -> {color, shape, background, match} rates."""
+    score: Callable
+    match: Callable
+
+
+def load_rewards(paths, weights, transformer, t=None, device="cpu", oracle=None, normalisation="raw"):
     """The alignment stages' frozen rewards: train_reward.py checkpoints (EMA weights) or released DiNa-LRM folders,
     checked against the generator they judge (its latent channels and prompt-embedding widths), or "oracle" (the toy's
-    golden oracle, decoded; the ceiling). normalisation: what the latent rewards return (model.SCORE_NORMALISATIONS).
-    -> [dict(name, model (None: oracle), t: the noise level it reads (its checkpoint's t_eval unless t), weight,
+    golden oracle, decoded; the ceiling: needs `oracle`, an Oracle). normalisation: what the latent rewards return (model.SCORE_NORMALISATIONS).
+    -> [dict(name, model (None: oracle), oracle, t: the noise level it reads (its checkpoint's t_eval unless t), weight,
     text_len, t_range: the noise levels it was trained on, (t*, t*) for --t-sampling fixed)]."""
     out = []
     for path, w in zip(paths, weights):
         if path == "oracle":
-            if not oracle_ok:
+            if oracle is None:
                 raise ValueError("--reward oracle is the toy world's golden oracle; it needs --backbone toy")
-            out.append(dict(name=path, model=None, t=None, weight=w, text_len=None, t_range=None))
+            out.append(dict(name=path, model=None, oracle=oracle, t=None, weight=w, text_len=None, t_range=None))
             continue
-        reward, meta = load_reward_model(path, normalisation=normalisation)
+        reward, meta = released.load_reward(path, normalisation=normalisation)
         mine, gen = reward.tap.config, transformer.config
         for key in ("in_channels", "joint_attention_dim", "pooled_projection_dim"):
             if getattr(mine, key) != getattr(gen, key):
@@ -198,7 +206,7 @@ def load_rewards(paths, weights, transformer, t=None, device="cpu", oracle_ok=Fa
                                  f"{getattr(gen, key)}; train the reward on this generator's backbone")
         a = meta["args"]
         t_range = (a["t_eval"], a["t_eval"]) if a.get("t_sampling") == "fixed" else (0.0, 1.0)  # the levels it was trained on
-        out.append(dict(name=path, model=reward.requires_grad_(False).to(device), t=a["t_eval"] if t is None else t,
+        out.append(dict(name=path, model=reward.requires_grad_(False).to(device), oracle=None, t=a["t_eval"] if t is None else t,
                         weight=w, text_len=a["max_text_len"], t_range=t_range))
     lens = {r["text_len"] for r in out} - {None}
     if len(lens) > 1:
@@ -213,8 +221,7 @@ def score_rewards(rewards, lat, prompts, table, keys, decode=None):
     out = []
     for r in rewards:
         if r["model"] is None:
-            import toy
-            golden = toy.toy_golden_score(decode(lat.detach()), prompts)
+            golden = r["oracle"].score(decode(lat.detach()), prompts)
             out.append(torch.tensor(golden, dtype=torch.float32, device=lat.device))
             continue
         eps = torch.stack([torch.randn(lat.shape[1:], generator=seeded(*k)) for k in keys]).to(lat.device)
@@ -253,11 +260,14 @@ def decode_latents(vae, z):
     return [Image.fromarray(a) for a in x]
 
 
+EVAL_SEED = 4242  # the evaluation's noise stream: seeded(EVAL_SEED, image k of a prompt, the prompt's index)
+
+
 @torch.no_grad()
-def evaluate_policy(transformer, table, splits, seeds, sigmas, cfg, reward_fn, shape, vae=None, oracle=False, batch=64):
+def evaluate_policy(transformer, table, splits, seeds, sigmas, cfg, reward_fn, shape, vae=None, oracle=None, batch=64):
     """The alignment stages' evaluation (DESIGN.md section 10): ODE samples of fixed prompts and seeds (image k of a
-    prompt always starts from the noise seeded(4242, k, its index in the split)); the proxy reward; on the toy the
-    golden oracle on the decoded images and its prompt-match rates. splits {name: prompts}, seeds {name: images per
+    prompt always starts from the noise seeded(EVAL_SEED, k, its index in the split)); the proxy reward; with an
+    Oracle (the toy's) its golden score of the decoded images and its prompt-match rates. splits {name: prompts}, seeds {name: images per
     prompt}; reward_fn(latents, prompts)
     -> (B,); shape: the latent's (h, w).
     -> {name: dict(reward, golden, color, shape, background, golden_all)}, {name: first-seed PIL images}."""
@@ -268,7 +278,7 @@ def evaluate_policy(transformer, table, splits, seeds, sigmas, cfg, reward_fn, s
         z, r = [], []
         for c in range(0, len(items), batch):
             chunk = items[c:c + batch]
-            noise = torch.stack([torch.randn(transformer.config.in_channels, *shape, generator=seeded(4242, k, i))
+            noise = torch.stack([torch.randn(transformer.config.in_channels, *shape, generator=seeded(EVAL_SEED, k, i))
                                  for _, i, k in chunk]).to(dev)
             pe, pooled = embeds(table, [p for p, _, _ in chunk], dev)
             lat = sample(transformer, noise, sigmas, pe, pooled, cfg, embeds(table, [""], dev))["latents"]
@@ -280,9 +290,8 @@ def evaluate_policy(transformer, table, splits, seeds, sigmas, cfg, reward_fn, s
             pil = [im for c in range(0, len(z), batch) for im in decode_latents(vae, z[c:c + batch].to(dev))]
             images[name] = pil[:len(prompts)]
         if oracle:
-            import toy
-            golden = toy.toy_golden_score(pil, [p for p, _, _ in items])
-            stats = toy.match_stats(pil, [p for p, _, _ in items])
+            golden = oracle.score(pil, [p for p, _, _ in items])
+            stats = oracle.match(pil, [p for p, _, _ in items])
             report[name].update(golden=float(golden.mean()), golden_all=golden.tolist(),
                                 **{k: stats[k] for k in ("color", "shape", "background", "match")})
     return report, images
@@ -313,6 +322,21 @@ def image_grid(rows, cell=96, labels=()):
         for c, im in enumerate(row):
             grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (pad + c * cell, r * cell))
     return grid
+
+
+def save_curves(path, panels):
+    """panels [(title, xlabel, {name: (xs, ys)})] -> one PNG, the panels side by side (matplotlib, Agg), written atomically."""
+    from matplotlib.figure import Figure  # not pyplot: the process's backend is left alone, no figure to close
+    fig = Figure(figsize=(5 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    for ax, (title, xlabel, series) in zip(axes[0], panels):
+        for name, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o", label=name)
+        ax.set(title=title, xlabel=xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def describe_eval(h):
@@ -347,9 +371,7 @@ def alignment_report(out, history, seconds, after_images=None):
     for k in ("golden_before", "golden_after", "golden_se", "reward_before", "reward_after"):  # the training split's
         if f"{k}_train" in summary:
             summary[k] = summary[f"{k}_train"]
-    with open(os.path.join(out, "summary.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
+    atomic_write(os.path.join(out, "summary.json"), lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=1)))
     splits = [s for s in first if s != "iter"]
     save_curves(os.path.join(out, "curves.png"), [(f"{k} (EMA policy, fixed seeds)", "iteration", {
         s: ([h["iter"] for h in history], [h[s][k] for h in history]) for s in splits}) for k in ("reward", "golden")

@@ -20,6 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from model import atomic_write
+
 # ----------------------------------------------------------------------------- readers
 FORMATS = ("hpdv3", "pickapic", "hpdv2", "imagereward", "genai", "jsonl")
 _SIGNATURE = {"path1": "hpdv3", "jpg_0": "pickapic", "image_path": "hpdv2",
@@ -74,7 +76,7 @@ def _read_parquet(path, fmt=None):
                 ext = next((e for m, e in _MAGIC if v.startswith(m)), ".img")
                 r[k] = os.path.join(img_dir, hashlib.sha1(v).hexdigest()[:20] + ext)
                 if not os.path.exists(r[k]):
-                    _atomic(r[k], lambda tmp: Path(tmp).write_bytes(v))
+                    atomic_write(r[k], lambda tmp: Path(tmp).write_bytes(v))
         recs.append(r)
     return fmt, recs
 
@@ -220,11 +222,6 @@ def _shard(path, mtime):  # mtime in the key: a rebuilt cache is never read thro
     return safe_open(path, framework="pt")
 
 
-def _atomic(path, write):  # write(tmp) then rename: a killed run never leaves a half-written file
-    write(path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def _group(items):  # [(key, value)] -> {key: [values]}, keys in order of first appearance
     out = {}
     for k, v in items:
@@ -270,7 +267,7 @@ def build_cache(pairs, image_root, out_dir, encode_images, encode_prompts, bucke
     def flush(kind, force=False):  # every shard_size tensors -> one file, written atomically
         if buf[kind] and (force or len(buf[kind]) >= shard_size):
             name = f"{kind}_{rank:03d}_{len(set(meta[kind].values())):04d}.safetensors"
-            _atomic(os.path.join(out_dir, name), lambda tmp: save_file(buf[kind], tmp))
+            atomic_write(os.path.join(out_dir, name), lambda tmp: save_file(buf[kind], tmp))
             meta[kind].update({k.split(".")[0]: name for k in buf[kind]})
             buf[kind] = {}
 
@@ -316,7 +313,7 @@ def build_cache(pairs, image_root, out_dir, encode_images, encode_prompts, bucke
         bar.update(len(batch))
     flush("text", force=True)
     bar.close()
-    _atomic(os.path.join(out_dir, f"shard_{rank:03d}.json"), lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+    atomic_write(os.path.join(out_dir, f"shard_{rank:03d}.json"), lambda tmp: Path(tmp).write_text(json.dumps(meta)))
     info = {"images": len(meta["shapes"]), "prompts": len(prompts), "bad_images": len(meta["bad"])}
     return {**info, **finalize_cache(out_dir, pairs, 1, image_root)} if world_size == 1 else info
 
@@ -350,7 +347,7 @@ def finalize_cache(out_dir, pairs, world_size, image_root=None):
     if n_bad or n_mixed:
         print(msg)
     index = {"dtype": metas[0]["dtype"], "latents": m["latents"], "text": m["text"], "pairs": out}
-    _atomic(os.path.join(out_dir, "index.json"), lambda tmp: Path(tmp).write_text(json.dumps(index)))
+    atomic_write(os.path.join(out_dir, "index.json"), lambda tmp: Path(tmp).write_text(json.dumps(index)))
     return {"pairs": len(out), "dropped_bad_image": n_bad, "dropped_mixed_bucket": n_mixed}
 
 
@@ -431,19 +428,3 @@ class PairCache:
     def buckets(self):
         """-> {"CxHxW": [pair indices]}, so the trainer never mixes buckets in a batch."""
         return _group(("x".join(map(str, p["shape"])), i) for i, p in enumerate(self.pairs))
-
-
-# ----------------------------------------------------------------------------- figures
-def save_curves(path, panels):
-    """panels [(title, xlabel, {name: (xs, ys)})] -> one PNG, the panels side by side (matplotlib, Agg), written atomically."""
-    from matplotlib.figure import Figure  # not pyplot: the process's backend is left alone, no figure to close
-    fig = Figure(figsize=(5 * len(panels), 3.6))
-    axes = fig.subplots(1, len(panels), squeeze=False)
-    for ax, (title, xlabel, series) in zip(axes[0], panels):
-        for name, (xs, ys) in series.items():
-            ax.plot(xs, ys, marker="o", label=name)
-        ax.set(title=title, xlabel=xlabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

@@ -40,7 +40,6 @@ import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -48,9 +47,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import align
 import data
 import released
-from model import SCORE_NORMALISATIONS, checkpoint_file, load_pipeline, load_reward_model, make_encoders, prompt_noise
+from model import SCORE_NORMALISATIONS, atomic_write, load_pipeline, make_encoders, prompt_noise
 
 
 def floats(s):
@@ -140,21 +140,9 @@ def uncertainty_stats(runs, cache):
                 margin=float(np.abs(d).mean()), score_var=float(var.mean()))
 
 
-def save_atomic(path, write):
-    """write(tmp) in the same folder, then rename: never a half-written result under the real name."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def plot_sweep(path, ts, curves):
     """Accuracy vs noise level, one line per benchmark (as DiNa-LRM Figure 2)."""
-    data.save_curves(path, [("pairwise accuracy vs t", "noise level t", {n: (ts, [100 * a for a in acc]) for n, acc in curves.items()})])
+    align.save_curves(path, [("pairwise accuracy vs t", "noise level t", {n: (ts, [100 * a for a in acc]) for n, acc in curves.items()})])
 
 
 def peak_memory():
@@ -171,8 +159,8 @@ class Scorer:
     first use), its resolution buckets. Scorer(ckpt).score(prompt, [paths or PIL images]) -> [floats]."""
 
     def __init__(self, ckpt, t=None, ensemble=None, seed=0, device=None, expect=None, normalisation="raw"):
-        self.path = checkpoint_file(ckpt)
-        self.model, self.meta = load_reward_model(self.path, expect=expect, normalisation=normalisation)
+        self.path = ckpt
+        self.model, self.meta = released.load_reward(ckpt, expect=expect, normalisation=normalisation)
         self.a, self.seed, self._enc = self.meta["args"], seed, None
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
@@ -355,13 +343,13 @@ def main(args):
     # -------------------------------------------------------------------------- write (atomic; after every benchmark was scored)
     out = args.out or (sc.path if os.path.isdir(sc.path) else os.path.dirname(os.path.abspath(sc.path)))
     os.makedirs(out, exist_ok=True)
-    save_atomic(os.path.join(out, "scores.jsonl"), lambda tmp: Path(tmp).write_text("".join(json.dumps(l) + "\n" for l in lines)))
+    atomic_write(os.path.join(out, "scores.jsonl"), lambda tmp: Path(tmp).write_text("".join(json.dumps(l) + "\n" for l in lines)))
     if args.sweep_t:
         plot_sweep(os.path.join(out, "sweep_t.png"), list(args.sweep_t),
                    {f"{n}/{r['split']}": [r["sweep"][str(t)] for t in args.sweep_t] for n, r in results.items()})
     summary = dict(ckpt=sc.path, step=sc.meta.get("step"), head=a["head"], backbone=a["backbone"], t=ts, seed=args.seed,
                    benchmarks=results, cost=cost, scores="scores.jsonl", sweep_png="sweep_t.png" if args.sweep_t else None)
-    save_atomic(os.path.join(out, "results.json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    atomic_write(os.path.join(out, "results.json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
     print(f"wrote {out}/results.json, scores.jsonl ({len(lines)} lines)" + (", sweep_t.png" if args.sweep_t else ""))
     return summary
 

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import align
+import toy
 from model import SCORE_NORMALISATIONS, SDE_STEPS, grpo_loss, load_pipeline, sample, sd3_sigmas, seeded, velocity
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,12 +179,12 @@ def main(args):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     pipe = load_pipeline(args.backbone, args.backbone_path, args.seed, dtype=dtype).to(device)
     transformer, vae = pipe.transformer, pipe.vae
-    rewards = align.load_rewards(args.reward, args.reward_weight, transformer, args.reward_t, device, args.backbone == "toy",
+    oracle = align.Oracle(toy.toy_golden_score, toy.match_stats) if args.backbone == "toy" else None  # golden judge of decoded images
+    rewards = align.load_rewards(args.reward, args.reward_weight, transformer, args.reward_t, device, oracle,
                                  args.score_normalisation)
     text_len = next((r["text_len"] for r in rewards if r["text_len"]), 8 if args.backbone in ("toy", "tiny") else 77)
     table = align.encode_prompt_table(pipe, train_prompts + [p for s in splits.values() for p in s], text_len, device)
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # never called again
-    oracle = args.backbone == "toy"
     shape = (args.resolution // pipe.vae_scale_factor,) * 2  # the latent's (h, w)
     params = align.add_policy_lora(transformer, args.lora_rank, args.lora_alpha, seed=args.seed)
     opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)

@@ -107,17 +107,21 @@ def write_word_tokenizer(folder, words=(), max_length=16):
                          unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=max_length)
 
 
-def make_tiny_pipeline(seed=0, size="tiny"):
+# The tiny backbone's tokenizer makes each word of the tests' prompts ("a red circle on a white background") one token.
+TINY_WORDS = ("a", "on", "background", "red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle",
+              "white", "black", "gray")
+
+
+def make_tiny_pipeline(seed=0, size="tiny", words=TINY_WORDS):
     """A random SD3 pipeline with the real architecture at toy scale (two CLIP encoders, no T5).
     size="tiny" (tests): 4 blocks, width 32, a 4x VAE (32x32 RGB -> 8x8x4 latents), patch 2: 16 image tokens.
     size="toy" (toy.py trains it): 6 blocks, width 128, a 2x VAE (32x32 -> 16x16x4), patch 2: 64 image tokens.
+    words: one token each in the tokenizer (toy.py passes its prompts' words); any other text is spelt out.
     The toy VAE downsamples 2x, not SD3's 8x: at 4x it blurred every edge by about a pixel (the oracle read
     the shape off only 82% of its reconstructions, vs 97% at 2x), and the reward could not see mild blur."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     tiny = size == "tiny"
-    from toy import TOY_BACKGROUNDS, TOY_COLORS, TOY_SHAPES  # here, not at the top: toy.py imports model
-    words = ["a", "on", "background", *TOY_COLORS, *TOY_SHAPES, *TOY_BACKGROUNDS]  # the toy prompts' words
     tokenizer = write_word_tokenizer(tempfile.mkdtemp(prefix="toy_tokenizer_"), words)
     torch.manual_seed(seed)
     h = 16 if tiny else 32  # CLIP width; prompt_embeds = cat(clip_l, clip_g) padded to joint_attention_dim
@@ -681,17 +685,24 @@ def thurstone_loss(r_pos, r_neg, t, k=2.0, sigma_u=0.1, y=None):
 # its header, written to a temp file and renamed, so a crash mid-write leaves the old one intact.
 
 
-def save_checkpoint(path, tensors, meta):
+def atomic_write(path, write):
+    """write(tmp) into a temp file of path's folder, then rename it to path: a killed run never leaves a half-written
+    file under the real name (every checkpoint, cache shard, result and figure of the project is written this way)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"meta": json.dumps(meta)})
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(path, tensors, meta):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"meta": json.dumps(meta)}))
 
 
 def load_checkpoint(path):
@@ -719,14 +730,6 @@ def cast_frozen(model, dtype=torch.bfloat16):
     return model
 
 
-def checkpoint_file(path):
-    """What a --ckpt / --reward path names: a checkpoint file, a run folder (its ckpt.safetensors), or a released
-    DiNa-LRM folder (one with a config.json: released.py) itself."""
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        return os.path.join(path, "ckpt.safetensors")
-    return path
-
-
 def check_tensors(path, got, want):
     """got {name: tensor} must hold exactly the names of want {name: shape}, at those shapes; else a one-line error
     naming the first tensor missing, unexpected or of the wrong shape (never a silent partial load)."""
@@ -742,32 +745,37 @@ def check_tensors(path, got, want):
             raise ValueError(f"{path}: {k} has shape {tuple(getattr(got[k], 'shape', ()))}, expected {tuple(shape)}")
 
 
-def load_reward_model(path, ema=True, transformer=None, expect=None, normalisation="raw"):
-    """Rebuild a RewardModel from a train_reward.py checkpoint (EMA weights by default) or a released DiNa-LRM folder
-    (read as the authors' reader does, released.py: t snapped to its sigma grid), each tensor checked (check_tensors).
-    expect: optional dict of args the caller requires (e.g. head, backbone) -> clear error on mismatch.
-    normalisation: what score() returns, a key of SCORE_NORMALISATIONS."""
-    import released  # here, not at the top: released.py imports model
-    if normalisation not in SCORE_NORMALISATIONS:
-        raise ValueError(f"unknown score normalisation {normalisation!r}; choose one of {list(SCORE_NORMALISATIONS)}")
-    path = checkpoint_file(path)
-    folder = os.path.isdir(path)
-    tensors, meta = (None, dict(args=released.read_args(path), step=None)) if folder else load_checkpoint(path)
-    a = meta["args"]
+def reward_model_from_args(path, a, transformer=None, expect=None):
+    """The RewardModel a checkpoint's args describe, its weights not yet loaded. expect: optional dict of args the
+    caller requires (e.g. head, backbone) -> a one-line error naming path on a mismatch."""
     for k, v in (expect or {}).items():
         if v is not None and a.get(k) != v:
             raise ValueError(f"{path}: checkpoint has {k}={a.get(k)!r}, but {v!r} was asked for")
-    model = build_reward_model(a["backbone"], a["head"], a.get("backbone_path"), a.get("blocks"), a.get("taps"),
-                               a.get("lora_rank", 0), a.get("full_finetune", False), a.get("seed", 0),
-                               a.get("combine", "softmax"), transformer, a.get("random_backbone", False), a.get("lora_alpha"))
-    if folder:
-        state = released.read_state(path, model)
-        model.t_grid = released.sigma_grid()
-    else:
-        prefix = "ema." if ema and any(k.startswith("ema.") for k in tensors) else "model."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        check_tensors(path, state, {n: p.shape for n, p in trainable_state(model).items()})
-    own = model.state_dict()  # assign: also onto a backbone built on the meta device (only what is loaded is real)
+    return build_reward_model(a["backbone"], a["head"], a.get("backbone_path"), a.get("blocks"), a.get("taps"),
+                              a.get("lora_rank", 0), a.get("full_finetune", False), a.get("seed", 0),
+                              a.get("combine", "softmax"), transformer, a.get("random_backbone", False), a.get("lora_alpha"))
+
+
+def load_weights(model, state, normalisation="raw"):
+    """Checked {name: tensor} into the model (assign: also onto a backbone built on the meta device, where only what is
+    loaded is real); normalisation: what score() returns, a key of SCORE_NORMALISATIONS -> the model in eval mode."""
+    if normalisation not in SCORE_NORMALISATIONS:
+        raise ValueError(f"unknown score normalisation {normalisation!r}; choose one of {list(SCORE_NORMALISATIONS)}")
+    own = model.state_dict()
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False, assign=True)
     model.normalisation = normalisation
-    return model.eval(), meta
+    return model.eval()
+
+
+def load_reward_model(path, ema=True, transformer=None, expect=None, normalisation="raw"):
+    """Rebuild a RewardModel from a train_reward.py checkpoint (a file, or a run folder holding ckpt.safetensors), EMA
+    weights by default, each tensor checked (check_tensors) -> (model, meta). A released DiNa-LRM folder is read by
+    released.load_reward, which also reads these."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.safetensors")
+    tensors, meta = load_checkpoint(path)
+    model = reward_model_from_args(path, meta["args"], transformer, expect)
+    prefix = "ema." if ema and any(k.startswith("ema.") for k in tensors) else "model."
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    check_tensors(path, state, {n: p.shape for n, p in trainable_state(model).items()})
+    return load_weights(model, state, normalisation), meta

@@ -23,11 +23,13 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 import align
+import toy
 import data
 from model import SCORE_NORMALISATIONS, load_pipeline, sample, sd3_sigmas, seeded, velocity, x0_hat
 
@@ -137,8 +139,6 @@ def real_latents(args, pipe, table, prompts, device):
             raise ValueError(f"{args.fm_data}: cached prompt embeddings {tuple(pe.shape[1:])} do not match the "
                              f"generator's {tuple(table[prompts[0]][0].shape)} (encode the cache at the reward's text length)")
         return lat, pe, pooled
-    import numpy as np
-    import toy
     rng = np.random.default_rng(args.seed)
     names = [p for p in prompts for _ in range(16)]
     images = [toy.render_toy(*toy.parse_toy_prompt(p), rng) for p in names]
@@ -164,6 +164,7 @@ def main(args):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     pipe = load_pipeline(args.backbone, args.backbone_path, args.seed, dtype=dtype).to(device)
     transformer, vae = pipe.transformer, pipe.vae
+    oracle = align.Oracle(toy.toy_golden_score, toy.match_stats) if args.backbone == "toy" else None  # golden judge of decoded images
     rewards = align.load_rewards(args.reward, args.reward_weight, transformer, args.reward_t, device,
                                  normalisation=args.score_normalisation)
     text_len = next(r["text_len"] for r in rewards)
@@ -191,7 +192,7 @@ def main(args):
         align.swap_weights(params, ema)
         with autocast:
             rep, imgs = align.evaluate_policy(transformer, table, splits, seeds, eval_sigmas, args.eval_cfg, proxy,
-                                              shape, vae, args.backbone == "toy")
+                                              shape, vae, oracle)
         align.swap_weights(params, ema)
         return rep, imgs
 

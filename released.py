@@ -1,6 +1,6 @@
 """
 The released DiNa-LRM folder (liuhuohuo/DiNa-LRM-SD35M-12layers, the one released latent reward model), both ways:
-read it into our dina RewardModel (model.load_reward_model calls read_args and read_state), and write one of ours
+read it into our dina RewardModel (load_reward, which reads our own checkpoints too), and write one of ours
 in its layout (export), so that the authors' own reader loads a model trained here.
 
     <root>/config.json                     the training config dump; its model.* keys give the taps, blocks and LoRA
@@ -22,8 +22,8 @@ model.SCORE_NORMALISATIONS (eval_reward.py and the alignment stages: --score-nor
 
 Citations: files of HKUST-C4G/diffusion-rm at af485b4: RH diffusion_rm/models/reward_head.py, SD3RM
 diffusion_rm/models/sd3_rm.py, ENG diffusion_rm/train/engine.py, TR scripts/train_sd3.py, INF diffusion_rm/infer/inference.py.
-Deviation from DESIGN.md's layout (checkpoint I/O in model.py): a module of its own, because model.py's budget (800
-lines with every stage) has no room for these 160 lines next to the new head.
+It sits above model.py (which imports neither this file nor toy.py): whatever names a reward on the command line
+(--ckpt, --reward) is opened by load_reward here, which hands our own checkpoints to model.load_reward_model.
 """
 
 import json
@@ -34,7 +34,7 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import BACKBONES, LORA_TARGETS, check_tensors
+from model import BACKBONES, LORA_TARGETS, check_tensors, load_reward_model, load_weights, reward_model_from_args
 
 # Our args for a released folder, where its config.json says nothing: SD3.5-M; t_eval 0.4, the noise level of the
 # authors' README for pipeline latents, of their demos and of their GRPO reward (reward()'s default is 0.1); 128 T5
@@ -100,6 +100,24 @@ def read_args(root):
                             ("rank_pattern", c.get("rank_pattern") or {}, {}), ("alpha_pattern", c.get("alpha_pattern") or {}, {})])
         args.update(lora_rank=c["r"], lora_alpha=c["lora_alpha"])
     return args | cfg.get("latent_reward", {})
+
+
+def is_released(path):
+    """A released DiNa-LRM folder holds a config.json; our run folders hold ckpt.safetensors."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def load_reward(path, ema=True, transformer=None, expect=None, normalisation="raw"):
+    """Any reward a --ckpt or --reward names -> (RewardModel, meta): a released DiNa-LRM folder, read as the authors'
+    reader reads it (its tensors checked by name and shape, t snapped to its sigma grid), or a train_reward.py
+    checkpoint (model.load_reward_model; ema picks its EMA weights)."""
+    if not is_released(path):
+        return load_reward_model(path, ema, transformer, expect, normalisation)
+    meta = dict(args=read_args(path), step=None)
+    model = reward_model_from_args(path, meta["args"], transformer, expect)
+    state = read_state(path, model)
+    model.t_grid = sigma_grid()
+    return load_weights(model, state, normalisation), meta
 
 
 def read_state(root, model):

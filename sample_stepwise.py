@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import align
+import toy
 from model import SCORE_NORMALISATIONS, SDE_STEPS, load_pipeline, sample, sd3_sigmas, sde_children, seeded, velocity, x0_hat
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,6 +139,7 @@ def main(args):
     weights = args.reward_weight or [1.0] * len(paths)
     if len(weights) != len(paths):
         raise ValueError(f"--reward-weight has {len(weights)} values for {len(paths)} rewards")
+    oracle = align.Oracle(toy.toy_golden_score, toy.match_stats) if args.backbone == "toy" else None  # golden judge of decoded images
     rewards = align.load_rewards(paths, weights, transformer, None, device,
                                  normalisation=args.score_normalisation)
     sigmas = sd3_sigmas(args.steps, pipe.scheduler.config.get("shift", 3.0))
@@ -151,7 +153,6 @@ def main(args):
     w = torch.tensor(weights, device=device)[:, None]
     shape = (transformer.config.in_channels, args.resolution // pipe.vae_scale_factor, args.resolution // pipe.vae_scale_factor)
     items = [(p, i, s) for i, p in enumerate(prompts) for s in range(args.seeds)]  # image = (prompt, its index, seed)
-    oracle = args.backbone == "toy"
     decode = lambda lat: align.decode_latents(vae, lat)
 
     def score_fn(batch_prompts, batch_keys, k):
@@ -198,9 +199,8 @@ def main(args):
         if kept[0].numel():
             res["kept_reward_per_step"] = torch.cat(kept).nanmean(0).tolist()
         if oracle:
-            import toy
-            golden = toy.toy_golden_score(pil, [p for p, _, _ in items])
-            stats = toy.match_stats(pil, [p for p, _, _ in items])
+            golden = oracle.score(pil, [p for p, _, _ in items])
+            stats = oracle.match(pil, [p for p, _, _ in items])
             res.update(golden=float(golden.mean()), golden_all=golden.tolist(),
                        **{m: stats[m] for m in ("color", "shape", "background")})
         results[str(k)], images[str(k)] = res, pil

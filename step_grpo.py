@@ -40,6 +40,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import align
+import toy
 from model import SCORE_NORMALISATIONS, SDE_STEPS, children_log_prob, grpo_loss, load_pipeline, sd3_sigmas, sde_children
 from model import seeded, velocity
 
@@ -150,6 +151,7 @@ def main(args):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     pipe = load_pipeline(args.backbone, args.backbone_path, args.seed, dtype=dtype).to(device)
     transformer, vae = pipe.transformer, pipe.vae
+    oracle = align.Oracle(toy.toy_golden_score, toy.match_stats) if args.backbone == "toy" else None  # golden judge of decoded images
     rewards = align.load_rewards(args.reward, args.reward_weight, transformer, None, device,
                                  normalisation=args.score_normalisation)
     shift = pipe.scheduler.config.get("shift", 3.0)
@@ -176,7 +178,7 @@ def main(args):
         align.swap_weights(params, ema)
         with autocast:
             rep, imgs = align.evaluate_policy(transformer, table, splits, seeds, eval_sigmas, args.eval_cfg, proxy,
-                                              shape, vae, args.backbone == "toy")
+                                              shape, vae, oracle)
         align.swap_weights(params, ema)
         return rep, imgs
 

@@ -66,6 +66,7 @@ TOY_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 1
 # (color, shape) combos never shown in training; each colour and shape still is.
 TOY_HELDOUT = (("red", "triangle"), ("green", "circle"), ("blue", "square"), ("orange", "triangle"), ("purple", "square"))
 TOY_CORRUPTIONS = ("blur", "noise", "contrast", "clip")
+TOY_WORDS = ("a", "on", "background", *TOY_COLORS, *TOY_SHAPES, *TOY_BACKGROUNDS)  # one token each in its tokenizer
 _COL, _BGC = np.array(list(TOY_COLORS.values()), float), np.array(list(TOY_BACKGROUNDS.values()), float)
 _SHAPE_CORNERS = np.array([[0.24, 0.24], [1.0, 1.0], [0.0, 0.8]])  # toy_read's corners (top, bottom), measured on renders
 _TOY_RE = re.compile(r"a (\w+) (\w+) on a (\w+) background")
@@ -438,7 +439,7 @@ def main(args):
         from diffusers import StableDiffusion3Pipeline
         pipe = StableDiffusion3Pipeline.from_pretrained(args.reuse_pipeline, text_encoder_3=None, tokenizer_3=None)
     else:
-        pipe = make_tiny_pipeline(args.seed, size="toy")
+        pipe = make_tiny_pipeline(args.seed, size="toy", words=TOY_WORDS)
     pipe.set_progress_bar_config(disable=True)
     steps = dict(vae=0, gen=0) if args.reuse_pipeline else dict(vae=args.vae_steps, gen=args.gen_steps)
     vae = pipe.vae.train()

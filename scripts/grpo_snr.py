@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import align  # noqa: E402
 import grpo  # noqa: E402
+import toy  # noqa: E402
 from model import grpo_loss, load_pipeline, sample, sd3_sigmas, sde_step, seeded, velocity  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -80,7 +81,7 @@ def main(args):
     sigmas = sd3_sigmas(10, pipe.scheduler.config.get("shift", 3.0))
     n = args.groups * args.group_size
     for name in args.reward:
-        reward = align.load_rewards([name], [1.0], tr, None, "cpu", oracle_ok=True)
+        reward = align.load_rewards([name], [1.0], tr, None, "cpu", align.Oracle(toy.toy_golden_score, toy.match_stats))
         for label, (sde, trained) in SCHEDULES.items():
             t0 = time.time()
             runs = [batch_gradient(tr, pipe.vae, params, table, neg, sigmas, reward, prompts, b, args, sde, trained)

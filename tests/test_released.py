@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import eval_reward
 import released
-from model import (LORA_TARGETS, SD35_CONFIGS, DinaHead, build_reward_model, load_reward_model, make_tiny_pipeline,
+from model import (LORA_TARGETS, SD35_CONFIGS, DinaHead, build_reward_model, make_tiny_pipeline,
                    save_checkpoint, trainable_state)
 
 W, PROJ, TAPS = 1536, 384, (4, 8, 12)  # SD3.5-M: 24 heads x 64; FiLM projections to W / 4
@@ -151,13 +151,13 @@ def sd35m_backbone():
 @pytest.fixture(scope="module")
 def sd35m(tmp_path_factory):
     """A synthetic released folder at SD3.5-M shapes (random bf16 tensors under the facts' names), and what
-    load_reward_model makes of it."""
+    released.load_reward makes of it."""
     root = tmp_path_factory.mktemp("DiNa-LRM-SD35M-12layers")
     g = torch.Generator().manual_seed(0)
     head = {k: random_tensor(k, s, g) for k, s in released_head_shapes().items()}
     lora = {k: random_tensor(k, s, g) for k, s in released_lora_shapes().items()}
     write_released(root, head, lora)
-    model, meta = load_reward_model(str(root), transformer=sd35m_backbone())
+    model, meta = released.load_reward(str(root), transformer=sd35m_backbone())
     return head, lora, model, meta
 
 
@@ -208,7 +208,7 @@ def test_released_lora_with_a_missing_attn2_key_is_refused(sd35m, tmp_path):
     key = "base_model.model.transformer_blocks.5.attn2.to_v.lora_B.weight"
     write_released(tmp_path, head, {k: v for k, v in lora.items() if k != key})
     with pytest.raises(ValueError) as e:
-        released.read_state(str(tmp_path), model)  # what load_reward_model calls on the model it built
+        released.read_state(str(tmp_path), model)  # what released.load_reward calls on the model it built
     assert f"adapter_model.safetensors: missing tensor {key} of shape (1536, 64) (1 missing)" in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -279,7 +279,7 @@ def test_exported_lora_loads_with_peft_as_the_authors_reader_does(exported):
 
 def test_exported_folder_loads_back_with_the_same_scores(exported):
     d, m = exported
-    back, meta = load_reward_model(str(d / "rel"))
+    back, meta = released.load_reward(str(d / "rel"))
     assert (meta["args"]["t_eval"], meta["args"]["max_text_len"], meta["args"]["resolution"]) == (0.3, 8, 32)
     g = torch.Generator().manual_seed(2)
     x, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
@@ -291,10 +291,10 @@ def test_exported_folder_loads_back_with_the_same_scores(exported):
         snapped = back.score(x, pe, pooled, t=0.4, noise=eps)  # off the grid: read at the nearest sigma, 0.400293
         torch.testing.assert_close(snapped, m.score(x, pe, pooled, t=0.4002932608127594, noise=eps), atol=1e-6, rtol=1e-6)
         assert (snapped - m.score(x, pe, pooled, t=0.4, noise=eps)).abs().max() > 1e-7
-        ten, _ = load_reward_model(str(d / "rel"), normalisation="plus12")
+        ten, _ = released.load_reward(str(d / "rel"), normalisation="plus12")
         torch.testing.assert_close(ten.score(x, pe, pooled, t=0.3, noise=eps), (m.score(x, pe, pooled, t=0.3, noise=eps) + 12) / 10)
     with pytest.raises(ValueError, match="unknown score normalisation 'plus11'"):
-        load_reward_model(str(d / "rel"), normalisation="plus11")
+        released.load_reward(str(d / "rel"), normalisation="plus11")
 
 
 def broken_copy(src, dst, head=None, lora=None, config=None, adapter=None):
@@ -344,7 +344,7 @@ def test_bad_released_folders_are_one_line_errors(exported, tmp_path, capsys):
     ]
     for i, (edit, message) in enumerate(cases):
         with pytest.raises(Exception) as e:
-            load_reward_model(broken_copy(src, tmp_path / str(i), **edit))
+            released.load_reward(broken_copy(src, tmp_path / str(i), **edit))
         assert message in str(e.value), (i, str(e.value)[:300])
         if "Weights only" not in message:
             assert isinstance(e.value, ValueError) and "\n" not in str(e.value), (i, str(e.value))
@@ -352,4 +352,4 @@ def test_bad_released_folders_are_one_line_errors(exported, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text(json.dumps(RELEASED_CONFIG))
     with pytest.raises(FileNotFoundError, match="adapter_config.json: not found"):
-        load_reward_model(str(tmp_path / "empty"))
+        released.load_reward(str(tmp_path / "empty"))
