@@ -25,22 +25,70 @@ from model import atomic_write, load_checkpoint, sample, save_checkpoint, seeded
 # Processes: one per GPU under torchrun (NCCL), or one or more on CPUs (gloo)
 
 
+class Processes(NamedTuple):
+    ddp: bool  # launched by torchrun (RANK is set)
+    rank: int
+    world: int
+    device: str  # cuda:LOCAL_RANK, or cpu
+    autocast: object  # bf16 autocast on CUDA, a null context on CPU (float32)
+
+
 def setup_distributed():
-    """-> (ddp, rank, world, device, autocast): torchrun's environment if RANK is set; bf16 autocast on CUDA only.
-    The stages end with a dist.barrier() and a normal exit, not destroy_process_group (which aborts under gloo)."""
+    """-> Processes: torchrun's environment if RANK is set (NCCL on GPUs, gloo on CPUs); bf16 autocast on CUDA only.
+    Every stage ends with barrier() and a normal exit, not destroy_process_group (which aborts under gloo)."""
     ddp = "RANK" in os.environ
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    return ddp, rank, world, device, autocast
+    return Processes(ddp, rank, world, device, autocast)
 
 
-def print0(*a):
+def barrier():
+    """Wait for every rank (a no-op in one process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*args):
     """print on rank 0 only (flushed: the lines show as they come under torchrun)."""
     if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, flush=True)
+        print(*args, flush=True)
+
+
+def print_recipe(name, recipe, args):
+    """The resolved recipe, printed once at start: what a reader sees declared is what runs."""
+    print0(f"recipe {name}: " + ", ".join(f"{k}={getattr(args, k)}" for k in recipe))
+
+
+# -----------------------------------------------------------------------------
+# A run's state: the checkpoint (trained weights, their EMA, AdamW) and its log; train_reward.py and the stages alike
+
+
+def save_state(path, params, ema, opt, meta, prefix="lora.", extra=None):
+    """The trained weights {name: parameter} under `prefix` (model. for a reward, lora. for a policy), their EMA, AdamW's
+    state and any extra tensors in one safetensors file, meta (args, step, ...) as JSON in its header, written
+    atomically (model.save_checkpoint)."""
+    tensors = {f"{prefix}{n}": p for n, p in params.items()} | {f"ema.{n}": e for n, e in ema.items()}
+    for n, p in params.items():
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"optim.{n}.{k}"] = v
+    save_checkpoint(path, tensors | (extra or {}), meta)
+
+
+def load_state(path, params, ema, opt, device="cpu", prefix="lora."):
+    """The inverse of save_state, in place -> (tensors, meta); nothing is unpickled."""
+    tensors, meta = load_checkpoint(path)
+    for n, p in params.items():
+        p.data.copy_(tensors[f"{prefix}{n}"])
+        ema[n].copy_(tensors[f"ema.{n}"])
+        if f"optim.{n}.exp_avg" in tensors:
+            opt.state[p] = {k: tensors[f"optim.{n}.{k}"].to("cpu" if k == "step" else device)
+                            for k in ("step", "exp_avg", "exp_avg_sq")}
+    return tensors, meta
 
 
 # -----------------------------------------------------------------------------
@@ -142,9 +190,10 @@ def optimizer_step(params, opt, ema, ema_decay=0.9, grad_clip=1.0, ddp=False, wh
     return gnorm
 
 
-def start_run(out, resume, params, ema, opt, evaluate, rank=0, device="cpu"):
-    """Resume from <out>/ckpt.safetensors (exactly: the LoRA, its EMA, AdamW, the evaluations so far), or evaluate the
-    policy before training and save <out>/before.png -> (iteration, history, checkpoint path, log path)."""
+def start_run(out, resume, params, ema, opt, rank=0, device="cpu"):
+    """Resume from <out>/ckpt.safetensors (exactly: the LoRA, its EMA, AdamW, the evaluations so far), or start at
+    iteration 0 with no evaluation yet (the stage then evaluates the policy before training); the log is cut to match
+    -> (iteration, history, checkpoint path, log path)."""
     it, history = 0, []
     ckpt_path, log_path = os.path.join(out, "ckpt.safetensors"), os.path.join(out, "log.jsonl")
     if resume and os.path.isfile(ckpt_path):
@@ -155,11 +204,6 @@ def start_run(out, resume, params, ema, opt, evaluate, rank=0, device="cpu"):
     os.makedirs(out, exist_ok=True)
     if rank == 0:
         truncate_log(log_path, it)
-    if not history:
-        rep, before_images = evaluate()
-        history = [dict(iter=0, **rep)]
-        if rank == 0:
-            image_grid([im[:12] for im in before_images.values()]).save(os.path.join(out, "before.png"))
     return it, history, ckpt_path, log_path
 
 
@@ -171,10 +215,11 @@ def swap_weights(params, ema):
         ema[n].copy_(tmp)
 
 
-def truncate_log(path, it):
-    """A fresh run (it = 0) starts a fresh log.jsonl; a resumed one drops what a killed run logged after its checkpoint."""
+def truncate_log(path, it, key="iter"):
+    """A fresh run (it = 0) starts a fresh log.jsonl; a resumed one drops what a killed run logged after its checkpoint
+    (key: the log's counter, iter for the stages, step for train_reward.py)."""
     if os.path.isfile(path):
-        keep = [line for line in open(path) if 0 < json.loads(line)["iter"] <= it] if it else []
+        keep = [line for line in open(path) if 0 < json.loads(line)[key] <= it] if it else []
         open(path, "w").writelines(keep)
 
 
@@ -188,7 +233,8 @@ class Oracle(NamedTuple):
 def load_rewards(paths, weights, transformer, t=None, device="cpu", oracle=None, normalisation="raw"):
     """The alignment stages' frozen rewards: train_reward.py checkpoints (EMA weights) or released DiNa-LRM folders,
     checked against the generator they judge (its latent channels and prompt-embedding widths), or "oracle" (the toy's
-    golden oracle, decoded; the ceiling: needs `oracle`, an Oracle). normalisation: what the latent rewards return (model.SCORE_NORMALISATIONS).
+    golden oracle, decoded; the ceiling: needs `oracle`, an Oracle). normalisation: what the latent rewards return
+    (model.SCORE_NORMALISATIONS).
     -> [dict(name, model (None: oracle), oracle, t: the noise level it reads (its checkpoint's t_eval unless t), weight,
     text_len, t_range: the noise levels it was trained on, (t*, t*) for --t-sampling fixed)]."""
     out = []
@@ -204,13 +250,16 @@ def load_rewards(paths, weights, transformer, t=None, device="cpu", oracle=None,
             if getattr(mine, key) != getattr(gen, key):
                 raise ValueError(f"{path}: the reward's backbone has {key}={getattr(mine, key)} but the generator has "
                                  f"{getattr(gen, key)}; train the reward on this generator's backbone")
-        a = meta["args"]
-        t_range = (a["t_eval"], a["t_eval"]) if a.get("t_sampling") == "fixed" else (0.0, 1.0)  # the levels it was trained on
-        out.append(dict(name=path, model=reward.requires_grad_(False).to(device), oracle=None, t=a["t_eval"] if t is None else t,
-                        weight=w, text_len=a["max_text_len"], t_range=t_range))
+        trained = meta["args"]  # the reward's own training run
+        fixed = trained.get("t_sampling") == "fixed"
+        t_range = (trained["t_eval"],) * 2 if fixed else (0.0, 1.0)  # the noise levels it was trained on
+        out.append(dict(name=path, model=reward.requires_grad_(False).to(device), oracle=None,
+                        t=trained["t_eval"] if t is None else t, weight=w, text_len=trained["max_text_len"],
+                        t_range=t_range))
     lens = {r["text_len"] for r in out} - {None}
     if len(lens) > 1:
-        raise ValueError(f"the rewards read prompts of different lengths {sorted(lens)}; they must share the embeddings")
+        raise ValueError(f"the rewards read prompts of different lengths {sorted(lens)}; they must share the "
+                         "embeddings")
     return out
 
 
@@ -248,7 +297,8 @@ def check_dense(rewards, levels, flag="--reward"):
         bad = [t for t in levels if not lo - 1e-6 <= t <= hi + 1e-6]
         if bad:
             raise ValueError(f"{flag} {r['name']}: trained at t in [{lo}, {hi}], it cannot score the noise level "
-                             f"{bad[0]:.4f} of this schedule (choose a --steps-window inside, or a reward trained there)")
+                             f"{bad[0]:.4f} of this schedule (choose a --steps-window inside, or a reward trained "
+                             "there)")
 
 
 @torch.no_grad()
@@ -261,16 +311,16 @@ def decode_latents(vae, z):
 
 
 EVAL_SEED = 4242  # the evaluation's noise stream: seeded(EVAL_SEED, image k of a prompt, the prompt's index)
+PROXY_NOISE = 10 ** 9  # the evaluation proxy's re-noising stream: seeded(seed, PROXY_NOISE, image)
 
 
 @torch.no_grad()
 def evaluate_policy(transformer, table, splits, seeds, sigmas, cfg, reward_fn, shape, vae=None, oracle=None, batch=64):
-    """The alignment stages' evaluation (DESIGN.md section 10): ODE samples of fixed prompts and seeds (image k of a
+    """The alignment stages' evaluation (docs/design.md §10): ODE samples of fixed prompts and seeds (image k of a
     prompt always starts from the noise seeded(EVAL_SEED, k, its index in the split)); the proxy reward; with an
-    Oracle (the toy's) its golden score of the decoded images and its prompt-match rates. splits {name: prompts}, seeds {name: images per
-    prompt}; reward_fn(latents, prompts)
-    -> (B,); shape: the latent's (h, w).
-    -> {name: dict(reward, golden, color, shape, background, golden_all)}, {name: first-seed PIL images}."""
+    Oracle (the toy's) its golden score of the decoded images and its prompt-match rates.
+    splits {name: prompts}; seeds {name: images per prompt}; reward_fn(latents, prompts) -> (B,); shape: the latent's
+    (h, w) -> {name: dict(reward, golden, color, shape, background, golden_all)}, {name: first-seed PIL images}."""
     dev = next(transformer.parameters()).device
     report, images = {}, {}
     for name, prompts in splits.items():
@@ -339,18 +389,20 @@ def save_curves(path, panels):
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
-def describe_eval(h):
-    """One line of an alignment evaluation {split: {reward, golden, color, shape, ...}}."""
+def describe_eval(evaluation):
+    """One line of an alignment evaluation {split: {reward, golden, color, shape, ...}} (and its "iter")."""
     parts = []
-    for s in (s for s in h if s != "iter"):
-        g = f" golden {h[s]['golden']:.4f} (color {h[s]['color']:.2f} shape {h[s]['shape']:.2f})" if "golden" in h[s] else ""
-        parts.append(f"{s}: proxy {h[s]['reward']:.4f}{g}")
+    for split, m in evaluation.items():
+        if split == "iter":
+            continue
+        golden = f" golden {m['golden']:.4f} (color {m['color']:.2f} shape {m['shape']:.2f})" if "golden" in m else ""
+        parts.append(f"{split}: proxy {m['reward']:.4f}{golden}")
     return " | ".join(parts)
 
 
 def alignment_report(out, history, seconds, after_images=None):
-    """An alignment stage's summary.json (DESIGN.md 10) from its evaluations (history[0] before training, [-1] after;
-    each {split: {reward, golden, golden_all, colour/shape/background match}}), curves.png (proxy and golden vs
+    """An alignment stage's summary.json (docs/design.md §10) from its evaluations (history[0] before training, [-1]
+    after; each {split: {reward, golden, golden_all, colour/shape/background match}}), curves.png (proxy and golden vs
     iteration) and grid.png (out/before.png above, the after images below) -> (summary, one line per split).
     golden_se: the standard error of the paired (same prompt and seed) golden difference over the split's images."""
     first, last = history[0], history[-1]
@@ -366,7 +418,8 @@ def alignment_report(out, history, seconds, after_images=None):
             for w, h in (("before", a), ("after", b)):
                 summary.update({f"{k}_{w}_{s}": h[k] for k in ("color", "shape", "background")})
             line += (f", golden {a['golden']:.4f} -> {b['golden']:.4f} ({b['golden'] - a['golden']:+.4f} +- {se:.4f}), "
-                     f"colour match {a['color']:.2f} -> {b['color']:.2f}, shape match {a['shape']:.2f} -> {b['shape']:.2f}")
+                     f"colour match {a['color']:.2f} -> {b['color']:.2f}, "
+                     f"shape match {a['shape']:.2f} -> {b['shape']:.2f}")
         lines.append(line)
     for k in ("golden_before", "golden_after", "golden_se", "reward_before", "reward_after"):  # the training split's
         if f"{k}_train" in summary:
@@ -386,14 +439,11 @@ def alignment_report(out, history, seconds, after_images=None):
     return summary, lines
 
 
-def finish(out, history, after_images, params, ema, transformer, unit="iterations"):
-    """The end of a run: summary.json, curves.png, grid.png (alignment_report), the EMA LoRA exported in diffusers'
-    format to <out>/lora (the weights that were evaluated), the final lines printed."""
+def finish(out, history, after_images, unit="iterations"):
+    """The end of a run, after the stage exported its LoRA to <out>/lora: summary.json, curves.png, grid.png
+    (alignment_report; the seconds of training summed from log.jsonl), the final lines printed."""
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     summary, lines = alignment_report(out, history, sum(sum(r["seconds"].values()) for r in log), after_images)
-    for n, p in params.items():
-        p.data.copy_(ema[n])
-    save_policy_lora(os.path.join(out, "lora"), transformer)
     for line in lines:
         print(f"final ({summary['iterations']} {unit}, {summary['seconds']:.0f} s of training): {line}", flush=True)
     print(f"aligned LoRA: {os.path.join(out, 'lora')} (pipe.load_lora_weights); summary {out}/summary.json", flush=True)

@@ -1,4 +1,4 @@
-"""Data: real-data pair readers, the accuracy protocol, resolution buckets and the latent cache (DESIGN.md 7).
+"""Data: real-data pair readers, the accuracy protocol, resolution buckets and the latent cache (docs/design.md §7).
 
 - Readers: every format -> canonical pairs {"prompt", "chosen", "rejected", "label", "group", "src"}, label =
   P(chosen wins), src = "file: record i" for errors; `read_benchmark`; the protocol `pairwise_accuracy`.
@@ -167,7 +167,7 @@ def read_pairs(path, image_root=None, fmt=None):
 
 
 def pairwise_accuracy(r_pos, r_neg, groups):
-    """The protocol (DESIGN.md 7): correct iff r_pos > r_neg strictly (model ties are wrong), pooled over pairs;
+    """The protocol (docs/design.md §7): correct iff r_pos > r_neg strictly (model ties are wrong), pooled over pairs;
     per_prompt_acc = the mean over groups of each group's accuracy. -> dict(acc, per_prompt_acc, pairs, prompts)"""
     ok, g = np.asarray(r_pos, float) > np.asarray(r_neg, float), np.asarray(groups)
     if ok.ndim != 1 or not len(ok) or g.shape != ok.shape:

@@ -17,7 +17,7 @@ From Python, two lines:
     from eval_reward import Scorer
     Scorer("out/reward-toy-dina").score("a red circle on a white background", ["a.png", "b.png"])
 
-Protocol (DESIGN.md 7): every benchmark goes through its reader in data.py (annotator ties and GenAI
+Protocol (docs/design.md §7): every benchmark goes through its reader in data.py (annotator ties and GenAI
 both-bad votes skipped and counted, pairs with an empty prompt kept and counted; the counts are printed
 and written per benchmark into results.json) and through the one accuracy function, data.pairwise_accuracy:
 correct iff r(chosen) > r(rejected) strictly, pooled over pairs, plus the per-prompt mean. Each benchmark
@@ -41,6 +41,7 @@ import resource
 import shutil
 import sys
 import time
+from collections import namedtuple
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -53,8 +54,8 @@ import released
 from model import SCORE_NORMALISATIONS, atomic_write, load_pipeline, make_encoders, prompt_noise
 
 
-def floats(s):
-    return tuple(float(x) for x in s.split(","))
+def floats(text):
+    return tuple(float(x) for x in text.split(","))
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,7 +70,7 @@ parser.add_argument("--export-released", default=None, metavar="DIR", help="writ
                     "DiNa-LRM layout into the new folder DIR (for the authors' reader) and exit")
 # benchmarks (default for the toy backbone: the six toy benchmarks in out/toy)
 parser.add_argument("--bench", action="append", default=None, metavar="NAME[/SPLIT]=PATH",
-                    help="benchmark file in any format of DESIGN.md 7 (auto-detected); repeatable")
+                    help="benchmark file in any format of docs/design.md §7 (auto-detected); repeatable")
 parser.add_argument("--image-root", default=None, help="root of the image paths (default: each file's folder)")
 parser.add_argument("--cache-dir", default=None, help="where benchmark caches go (default: next to each file)")
 parser.add_argument("--skip-bad", action="store_true", help="count and drop pairs with unreadable images")
@@ -120,10 +121,10 @@ def parse_benches(specs, image_root, backbone, toy_dir=TOY_DIR):
     return out
 
 
-def pair_scores(cache, s):
+def pair_scores(cache, scores):
     """{(image, prompt): score} -> r_chosen, r_rejected, groups (arrays over the cache's pairs)."""
-    rp = np.array([s[(p["chosen"], p["prompt"])] for p in cache.pairs])
-    rn = np.array([s[(p["rejected"], p["prompt"])] for p in cache.pairs])
+    rp = np.array([scores[(p["chosen"], p["prompt"])] for p in cache.pairs])
+    rn = np.array([scores[(p["rejected"], p["prompt"])] for p in cache.pairs])
     return rp, rn, np.array([p["group"] for p in cache.pairs])
 
 
@@ -161,20 +162,20 @@ class Scorer:
     def __init__(self, ckpt, t=None, ensemble=None, seed=0, device=None, expect=None, normalisation="raw"):
         self.path = ckpt
         self.model, self.meta = released.load_reward(ckpt, expect=expect, normalisation=normalisation)
-        self.a, self.seed, self._enc = self.meta["args"], seed, None
+        self.args, self.seed, self._enc = self.meta["args"], seed, None
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
-        self.ts = tuple(ensemble) if ensemble else (float(self.a.get("t_eval", 0.4) if t is None else t),)
-        r = self.a.get("resolution")
+        self.ts = tuple(ensemble) if ensemble else (float(self.args.get("t_eval", 0.4) if t is None else t),)
+        r = self.args.get("resolution")
         self.buckets = [(r, r)] if r else data.BUCKETS
 
     def encoders(self):  # -> (encode_images, encode_prompts) of the checkpoint's own pipeline, loaded once
         if self._enc is None:
             dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-            no_t5 = self.a["backbone"] in ("tiny", "toy")  # then diffusers reads the T5 width off the transformer
-            pipe = load_pipeline(self.a["backbone"], self.a.get("backbone_path"), self.a.get("seed", 0),
+            no_t5 = self.args["backbone"] in ("tiny", "toy")  # then diffusers reads the T5 width off the transformer
+            pipe = load_pipeline(self.args["backbone"], self.args.get("backbone_path"), self.args.get("seed", 0),
                                  with_transformer=no_t5, dtype=dtype).to(self.device)
-            self._enc = make_encoders(pipe, self.device, self.a.get("max_text_len", 77))
+            self._enc = make_encoders(pipe, self.device, self.args.get("max_text_len", 77))
         return self._enc
 
     @torch.no_grad()
@@ -216,13 +217,13 @@ def open_cache(sc, name, path, root, cache_dir=None, skip_bad=False, batch=32):
     if not pairs:
         raise ValueError(f"{path}: empty benchmark: no scorable pairs in {info['records']} records "
                          f"({info['skipped_ties']} ties, {info['skipped_bothbad']} both-bad skipped)")
-    a = sc.a
+    ckpt_args = sc.args
     given = bool(root) and os.path.isfile(os.path.join(root, "image_latents.safetensors"))  # part of the cache's identity
-    fp = hashlib.sha1(json.dumps([given, [a.get(k) for k in ("backbone", "backbone_path", "seed", "resolution", "max_text_len")],
+    fp = hashlib.sha1(json.dumps([given, [ckpt_args.get(k) for k in ("backbone", "backbone_path", "seed", "resolution", "max_text_len")],
                                   [[p["prompt"], p["chosen"], p["rejected"], p["label"], p["group"]] for p in pairs]],
                                  ).encode()).hexdigest()[:10]
     folder = os.path.join(cache_dir or os.path.dirname(os.path.abspath(path)),
-                          f"{os.path.splitext(os.path.basename(path))[0]}.eval-{a['backbone']}-{fp}")
+                          f"{os.path.splitext(os.path.basename(path))[0]}.eval-{ckpt_args['backbone']}-{fp}")
     if not os.path.isfile(os.path.join(folder, "index.json")):
         print(f"{name}: caching {len(pairs)} pairs of {path} into {folder}")
         try:
@@ -235,84 +236,97 @@ def open_cache(sc, name, path, root, cache_dir=None, skip_bad=False, batch=32):
     return cache, info, {data.cache_key(p[k]): p[k] for p in pairs for k in ("chosen", "rejected")}
 
 
-def main(args):
-    # -------------------------------------------------------------------------- checkpoint (EMA weights), noise levels
-    sc = Scorer(args.ckpt, args.t, args.ensemble, args.seed, expect={"head": args.head, "backbone": args.backbone},
-                normalisation=args.score_normalisation)
-    a, ts = sc.a, list(sc.ts)
-    if args.export_released:
-        released.export(sc.model, sc.meta, args.export_released)
-        print(f"wrote {args.export_released}: config.json and checkpoint/, the released DiNa-LRM's layout")
-        return None
-    snapped = ""
-    if sc.model.t_grid is not None:  # a released DiNa-LRM reads the nearest sigma of its training grid
-        snapped = f" (read at {','.join(f'{sc.model.snap(t):.6f}' for t in ts)})"
-    print(f"{a['head']} on {a['backbone']}, step {sc.meta.get('step')} ({sc.path}, EMA weights if saved); "
-          f"t = {','.join(map(str, ts))}{snapped}{' (ensemble)' if len(ts) > 1 else ''}; seed {args.seed}; device {sc.device}")
+# ----------------------------------------------------------------------------- main's phases, in the order it calls them
+Benchmark = namedtuple("Benchmark", "name split file cache info paths")  # read and cached; paths: {image key: path}
 
-    # -------------------------------------------------------------------------- score your own images
-    if args.prompt is not None or args.images:
-        if not (args.prompt and args.images):
-            raise ValueError("--prompt needs image paths, and image paths need --prompt")
-        scores = sc.score(args.prompt, args.images)
-        rank = {i: r for r, i in enumerate(np.argsort(-np.array(scores), kind="stable"), start=1)}
-        print(f"prompt: {args.prompt!r}\n{'rank':>4}  {'score':>10}  image")
-        for i, (p, s) in enumerate(zip(args.images, scores)):
-            print(f"{rank[i]:>4}  {s:>10.5f}  {p}")
-        print("ranking (best first): " + " > ".join(args.images[i] for i in np.argsort(-np.array(scores), kind="stable")))
-        return scores
 
-    # -------------------------------------------------------------------------- benchmarks -> caches (encoded once)
-    benches = parse_benches(args.bench, args.image_root, a["backbone"])
-    caches = [open_cache(sc, name, path, root, args.cache_dir, args.skip_bad, args.batch) for name, _, path, root in benches]
+def export_released(sc, folder):
+    """Write a dina checkpoint in the released DiNa-LRM's layout (config.json and checkpoint/) into a new folder."""
+    released.export(sc.model, sc.meta, folder)
+    print(f"wrote {folder}: config.json and checkpoint/, the released DiNa-LRM's layout")
+
+
+def score_own_images(sc, prompt, images):
+    """Score image files for one prompt and print them ranked -> their scores."""
+    if not (prompt and images):
+        raise ValueError("--prompt needs image paths, and image paths need --prompt")
+    scores = sc.score(prompt, images)
+    order = np.argsort(-np.array(scores), kind="stable")
+    rank = {i: r for r, i in enumerate(order, start=1)}
+    print(f"prompt: {prompt!r}\n{'rank':>4}  {'score':>10}  image")
+    for i, (path, score) in enumerate(zip(images, scores)):
+        print(f"{rank[i]:>4}  {score:>10.5f}  {path}")
+    print("ranking (best first): " + " > ".join(images[i] for i in order))
+    return scores
+
+
+def open_benchmarks(sc, args):
+    """Every benchmark read and encoded once into its latent cache -> [Benchmark]; then the encoders are let go."""
+    benches = []
+    for name, split, path, root in parse_benches(args.bench, args.image_root, sc.args["backbone"]):
+        cache, info, paths = open_cache(sc, name, path, root, args.cache_dir, args.skip_bad, args.batch)
+        benches.append(Benchmark(name, split, path, cache, info, paths))
     sc._enc = None  # the VAE and text encoders are not needed for scoring the caches
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    cost = dict(images=0, passes=0, seconds=0.0)
+    return benches
 
-    def run(cache, levels, rep=0):  # one timed scoring of every unique image of a benchmark
-        t0 = time.time()
-        s = sc.score_cache(cache, levels, rep, args.batch)
-        cost.update(images=cost["images"] + len(s), passes=cost["passes"] + len(s) * len(levels),
-                    seconds=cost["seconds"] + time.time() - t0)
-        if not np.isfinite(list(s.values())).all():
-            raise FloatingPointError(f"{cache.dir}: non-finite scores at t={levels}; check the checkpoint {sc.path}")
-        return s
 
-    def rows(name, split, cache, paths, s, levels, what):  # per-pair lines of scores.jsonl
-        return [dict(benchmark=name, split=split, run=what, t=list(levels), pair=i, chosen=paths[p["chosen"]],
-                     rejected=paths[p["rejected"]], prompt=p["prompt_text"], group=p["group"],
-                     r_chosen=s[(p["chosen"], p["prompt"])], r_rejected=s[(p["rejected"], p["prompt"])])
-                for i, p in enumerate(cache.pairs)]
+def timed_scores(sc, cache, levels, cost, batch, rep=0):
+    """One timed scoring of every unique image of a benchmark (repeat `rep` of its noise) -> {(image, prompt): score};
+    adds the images, backbone passes and seconds to cost."""
+    t0 = time.time()
+    scores = sc.score_cache(cache, levels, rep, batch)
+    cost.update(images=cost["images"] + len(scores), passes=cost["passes"] + len(scores) * len(levels),
+                seconds=cost["seconds"] + time.time() - t0)
+    if not np.isfinite(list(scores.values())).all():
+        raise FloatingPointError(f"{cache.dir}: non-finite scores at t={levels}; check the checkpoint {sc.path}")
+    return scores
 
-    # -------------------------------------------------------------------------- accuracy at t (or the ensemble)
+
+def score_rows(bench, scores, levels, run):
+    """The lines of scores.jsonl of one benchmark scored at `levels`: one per pair."""
+    return [dict(benchmark=bench.name, split=bench.split, run=run, t=list(levels), pair=i, chosen=bench.paths[p["chosen"]],
+                 rejected=bench.paths[p["rejected"]], prompt=p["prompt_text"], group=p["group"],
+                 r_chosen=scores[(p["chosen"], p["prompt"])], r_rejected=scores[(p["rejected"], p["prompt"])])
+            for i, p in enumerate(bench.cache.pairs)]
+
+
+def accuracy(sc, benches, ts, cost, batch):
+    """Pairwise accuracy of every benchmark at t (or the ensemble), with the reader's counts -> results, score lines."""
     results, lines = {}, []
-    for (name, split, path, _), (cache, info, paths) in zip(benches, caches):
-        s = run(cache, ts)
-        acc = data.pairwise_accuracy(*pair_scores(cache, s))
-        results[name] = dict(split=split, file=path, format=info["format"], records=info["records"],
-                             skipped_ties=info["skipped_ties"], skipped_bothbad=info["skipped_bothbad"],
-                             empty_prompt_pairs=info["empty_prompt_pairs"],
-                             dropped=info["pairs"] - len(cache), images=len(s), **acc)
-        lines += rows(name, split, cache, paths, s, ts, "main")
+    for b in benches:
+        scores = timed_scores(sc, b.cache, ts, cost, batch)
+        acc = data.pairwise_accuracy(*pair_scores(b.cache, scores))
+        results[b.name] = dict(split=b.split, file=b.file, format=b.info["format"], records=b.info["records"],
+                               skipped_ties=b.info["skipped_ties"], skipped_bothbad=b.info["skipped_bothbad"],
+                               empty_prompt_pairs=b.info["empty_prompt_pairs"],
+                               dropped=b.info["pairs"] - len(b.cache), images=len(scores), **acc)
+        lines += score_rows(b, scores, ts, "main")
+    return results, lines
 
-    # -------------------------------------------------------------------------- accuracy vs t (DiNa-LRM Figure 2)
-    for t in args.sweep_t or ():
-        for (name, split, _, _), (cache, _, paths) in zip(benches, caches):
-            s = run(cache, [t])
-            results[name].setdefault("sweep", {})[str(t)] = data.pairwise_accuracy(*pair_scores(cache, s))["acc"]
-            lines += rows(name, split, cache, paths, s, [t], "sweep")
 
-    # -------------------------------------------------------------------------- uncertainty (DiNa-LRM Table 4)
-    for t in args.uncertainty_t if args.uncertainty > 0 else ():
-        for (name, _, _, _), (cache, _, _) in zip(benches, caches):
-            runs = [run(cache, [t], rep) for rep in range(args.uncertainty)]
-            results[name].setdefault("uncertainty", {})[str(t)] = uncertainty_stats(runs, cache)
+def sweep(sc, benches, levels, results, cost, batch):
+    """Accuracy vs t (DiNa-LRM Figure 2) into results[name]["sweep"] -> score lines."""
+    lines = []
+    for t in levels:
+        for b in benches:
+            scores = timed_scores(sc, b.cache, [t], cost, batch)
+            results[b.name].setdefault("sweep", {})[str(t)] = data.pairwise_accuracy(*pair_scores(b.cache, scores))["acc"]
+            lines += score_rows(b, scores, [t], "sweep")
+    return lines
 
-    # -------------------------------------------------------------------------- report
-    mem, mem_what = peak_memory()
-    cost.update(images_per_s=cost["images"] / max(cost["seconds"], 1e-9), peak_memory_mb=mem / 2 ** 20,
-                peak_memory_kind=mem_what, batch=args.batch, device=sc.device)
+
+def uncertainty(sc, benches, levels, k, results, cost, batch):
+    """K repeated noisings per pair at each level (DiNa-LRM Table 4) into results[name]["uncertainty"]."""
+    for t in levels:
+        for b in benches:
+            runs = [timed_scores(sc, b.cache, [t], cost, batch, rep) for rep in range(k)]
+            results[b.name].setdefault("uncertainty", {})[str(t)] = uncertainty_stats(runs, b.cache)
+
+
+def report(results, cost, ts, args):
+    """Print the accuracy table, the sweep and uncertainty tables if run, and the scoring cost."""
     print(f"\naccuracy at t = {','.join(map(str, ts))} (strict r+ > r-; annotator ties and both-bad votes skipped, "
           f"pairs with an empty prompt kept):")
     print(f"{'benchmark':<14}{'split':<10}{'format':<13}{'pairs':>7}{'ties':>7}{'both-bad':>9}{'empty prompt':>13}"
@@ -337,21 +351,57 @@ def main(args):
                 print(f"{name:<14}{r['split']:<10}{r['pairs']:>7}{float(t):>6.2f}{u['variation_ratio']:>17.4f}"
                       f"{u['margin']:>10.4f}{u['score_var']:>12.3g}")
     print(f"\nscoring cost: {cost['images']} image scores ({cost['passes']} backbone passes) in {cost['seconds']:.2f} s = "
-          f"{cost['images_per_s']:.1f} images/s at batch {args.batch} on {sc.device}; peak memory "
-          f"{cost['peak_memory_mb']:.0f} MiB ({mem_what})")
+          f"{cost['images_per_s']:.1f} images/s at batch {cost['batch']} on {cost['device']}; peak memory "
+          f"{cost['peak_memory_mb']:.0f} MiB ({cost['peak_memory_kind']})")
 
-    # -------------------------------------------------------------------------- write (atomic; after every benchmark was scored)
+
+def write_results(sc, ts, results, cost, lines, args):
+    """scores.jsonl, sweep_t.png if swept, results.json (each atomic) into --out or the checkpoint's folder -> the
+    results.json summary."""
     out = args.out or (sc.path if os.path.isdir(sc.path) else os.path.dirname(os.path.abspath(sc.path)))
     os.makedirs(out, exist_ok=True)
     atomic_write(os.path.join(out, "scores.jsonl"), lambda tmp: Path(tmp).write_text("".join(json.dumps(l) + "\n" for l in lines)))
     if args.sweep_t:
         plot_sweep(os.path.join(out, "sweep_t.png"), list(args.sweep_t),
                    {f"{n}/{r['split']}": [r["sweep"][str(t)] for t in args.sweep_t] for n, r in results.items()})
-    summary = dict(ckpt=sc.path, step=sc.meta.get("step"), head=a["head"], backbone=a["backbone"], t=ts, seed=args.seed,
-                   benchmarks=results, cost=cost, scores="scores.jsonl", sweep_png="sweep_t.png" if args.sweep_t else None)
+    summary = dict(ckpt=sc.path, step=sc.meta.get("step"), head=sc.args["head"], backbone=sc.args["backbone"], t=ts,
+                   seed=args.seed, benchmarks=results, cost=cost, scores="scores.jsonl",
+                   sweep_png="sweep_t.png" if args.sweep_t else None)
     atomic_write(os.path.join(out, "results.json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
     print(f"wrote {out}/results.json, scores.jsonl ({len(lines)} lines)" + (", sweep_t.png" if args.sweep_t else ""))
     return summary
+
+# -----------------------------------------------------------------------------
+
+
+def main(args):
+    # checkpoint (EMA weights), noise levels
+    sc = Scorer(args.ckpt, args.t, args.ensemble, args.seed, expect={"head": args.head, "backbone": args.backbone},
+                normalisation=args.score_normalisation)
+    ts = list(sc.ts)
+    if args.export_released:
+        return export_released(sc, args.export_released)
+    snapped = ""
+    if sc.model.t_grid is not None:  # a released DiNa-LRM reads the nearest sigma of its training grid
+        snapped = f" (read at {','.join(f'{sc.model.snap(t):.6f}' for t in ts)})"
+    print(f"{sc.args['head']} on {sc.args['backbone']}, step {sc.meta.get('step')} ({sc.path}, EMA weights if saved); "
+          f"t = {','.join(map(str, ts))}{snapped}{' (ensemble)' if len(ts) > 1 else ''}; seed {args.seed}; device {sc.device}")
+    if args.prompt is not None or args.images:
+        return score_own_images(sc, args.prompt, args.images)
+
+    # benchmarks -> caches (encoded once); accuracy at t, vs t, uncertainty; every benchmark scored before any write
+    benches = open_benchmarks(sc, args)
+    cost = dict(images=0, passes=0, seconds=0.0)
+    results, lines = accuracy(sc, benches, ts, cost, args.batch)
+    if args.sweep_t:
+        lines += sweep(sc, benches, args.sweep_t, results, cost, args.batch)
+    if args.uncertainty > 0:
+        uncertainty(sc, benches, args.uncertainty_t, args.uncertainty, results, cost, args.batch)
+    mem, mem_what = peak_memory()
+    cost.update(images_per_s=cost["images"] / max(cost["seconds"], 1e-9), peak_memory_mb=mem / 2 ** 20,
+                peak_memory_kind=mem_what, batch=args.batch, device=sc.device)
+    report(results, cost, ts, args)
+    return write_results(sc, ts, results, cost, lines, args)
 
 
 if __name__ == "__main__":

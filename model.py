@@ -117,8 +117,8 @@ def make_tiny_pipeline(seed=0, size="tiny", words=TINY_WORDS):
     size="tiny" (tests): 4 blocks, width 32, a 4x VAE (32x32 RGB -> 8x8x4 latents), patch 2: 16 image tokens.
     size="toy" (toy.py trains it): 6 blocks, width 128, a 2x VAE (32x32 -> 16x16x4), patch 2: 64 image tokens.
     words: one token each in the tokenizer (toy.py passes its prompts' words); any other text is spelt out.
-    The toy VAE downsamples 2x, not SD3's 8x: at 4x it blurred every edge by about a pixel (the oracle read
-    the shape off only 82% of its reconstructions, vs 97% at 2x), and the reward could not see mild blur."""
+    The toy VAE downsamples 2x, not SD3's 8x: at 4x it blurred every edge by about a pixel, the oracle could not read
+    the shape off its reconstructions and the reward could not see mild blur (measured: docs/log.md)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     tiny = size == "tiny"
@@ -136,8 +136,8 @@ def make_tiny_pipeline(seed=0, size="tiny", words=TINY_WORDS):
         attention_head_dim=width // heads, num_attention_heads=heads, joint_attention_dim=2 * h,
         caption_projection_dim=width, pooled_projection_dim=2 * h, out_channels=4, pos_embed_max_size=16,
         dual_attention_layers=(0, 1), qk_norm="rms_norm")  # dual attention + RMS qk-norm: the SD3.5 path
-    ch = (8, 16, 16) if tiny else (32, 32)  # len(ch) - 1 stride-2 downsamplings (toy: 32 at 16x16 too, as good as 64
-    # there and half the VAE's training time: L1 0.020 vs 0.019, the oracle reads 97% of reconstructions either way)
+    ch = (8, 16, 16) if tiny else (32, 32)  # len(ch) - 1 stride-2 downsamplings (toy: 32 channels at 16x16 too,
+    # as good as 64 there at half the VAE's training time; measured: docs/log.md)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(ch),
                         up_block_types=("UpDecoderBlock2D",) * len(ch), block_out_channels=ch, layers_per_block=1,
                         latent_channels=4, norm_num_groups=8, sample_size=32, shift_factor=0.0, scaling_factor=1.0)
@@ -520,7 +520,7 @@ def draw_noise(shape, generator=None, device="cpu"):
 
 
 def sde_step(v, x, sigma, sigma_next, noise_level=0.7, prev_sample=None, generator=None, sigma1=None):
-    """Flow-GRPO's SDE step with its log-probability (DESIGN.md section 6), dt = sigma_next - sigma < 0:
+    """Flow-GRPO's SDE step with its log-probability (docs/design.md §6), dt = sigma_next - sigma < 0:
         std = a sqrt(sigma / (1 - sigma')), sigma' = sigma1 (= sigmas[1]) when sigma == 1, else sigma
         mu  = x + v dt + std^2 / (2 sigma) (x + (1 - sigma) v) dt;   x_next = mu + std sqrt(-dt) z
     -> (x_next, log_prob (B,), mu, std sqrt(-dt)). prev_sample given: it is x_next (training re-scores it).
@@ -595,7 +595,7 @@ def velocity(transformer, x, sigma, prompt_embeds, pooled, guidance_scale=1.0, n
 
 def sample(transformer, latents, sigmas, prompt_embeds, pooled, guidance_scale=1.0, negative=None, noise_level=0.0,
            sde_steps=None, generator=None, sde_type="sde"):
-    """The sampling loop every alignment stage and evaluation share (DESIGN.md section 6).
+    """The sampling loop every alignment stage and evaluation share (docs/design.md §6).
     latents: the initial noise (B,C,H,W); sigmas: sd3_sigmas(N) (N+1 values); sde_steps: the stochastic step indices
     (None: all when noise_level > 0; the Flow-GRPO-Fast window otherwise); the other steps are Euler (ODE).
     -> dict(latents (B,C,H,W), trajectory (B,N+1,C,H,W), log_probs (B,N), 0 on ODE steps), float32.
@@ -649,7 +649,7 @@ def seeded(*keys):
     return torch.Generator().manual_seed(s)
 
 # -----------------------------------------------------------------------------
-# Losses (DESIGN.md section 5); r_pos, r_neg (B,) rewards of the preferred / other image
+# Losses (docs/design.md §5); r_pos, r_neg (B,) rewards of the preferred / other image
 
 
 def bt_loss(r_pos, r_neg, y=None):

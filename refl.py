@@ -4,7 +4,7 @@ no gradient down to a random late step, take one conditional generator step with
 x0_hat = x_t - sigma v, and let the frozen latent reward score x0_hat (re-noised to its noise level with seeded noise)
 with its gradient flowing back into the LoRA policy. No VAE decode, no text encoding: the reward reads latents.
 
-Toy world (after the quick start `python train_reward.py`; about 6.5 minutes on 2 CPU cores):
+Toy world (after the quick start `python train_reward.py`):
     python refl.py
     python refl.py --fm-weight 0 --out out/refl-nofm          # without the pretraining (flow-matching) loss
 SD3.5-M with a DiNa-LRM reward trained here, 8 GPUs (real latents: a train_reward.py --cache-only cache):
@@ -12,16 +12,22 @@ SD3.5-M with a DiNa-LRM reward trained here, 8 GPUs (real latents: a train_rewar
         --eval-prompts prompts_eval.txt --heldout-prompts prompts_heldout.txt --fm-weight 1 \
         --fm-data /data/HPDv3/train.cache-sd35m --early-stop 3 --out out/refl-sd35m
 
-The step, in plain sight: B prompts (each image's noise seeded by (seed, step, image)), an ODE with CFG down to step
-`mid` (drawn per step from --mid-range, seeded) under no_grad, one conditional forward with gradient, x0_hat, the rewards
-of x0_hat at their noise level, loss = mean(target - r) (or relu), optionally (L + lam L_fm) / (1 + lam) with the
-flow-matching loss on real latents; AdamW, grad clip, an EMA that is stepped (the released DiNa ReFL never steps its EMA,
-so its saved LoRA is the initial one). DiNa's README: ReFL hacks the reward; use the pretraining loss or stop early.
+The step, in plain sight (main): B prompts (each image's noise seeded by (seed, step, image)), per micro-batch a rollout
+(an ODE with CFG down to step `mid`, drawn per step from --mid-range, seeded, under no_grad) -> losses (one conditional
+forward with gradient, x0_hat, the rewards of x0_hat at their noise level, loss = mean(target - r) (or relu), optionally
+(L + lam L_fm) / (1 + lam) with the flow-matching loss on real latents) -> backward; then AdamW, grad clip, an EMA that
+is stepped (the released DiNa ReFL never steps its EMA, so its saved LoRA is the initial one) -> log, evaluate (EMA
+weights), checkpoint. DiNa's README: ReFL hacks the reward; use the pretraining loss or stop early (--early-stop).
+The sizes of the flags left alone come from a preset (PRESETS below, printed at start): the toy's on the toy and tiny
+backbones, else SD3.5's.
 """
 
 import argparse
 import json
+import os
 import time
+from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,67 +39,94 @@ import toy
 import data
 from model import SCORE_NORMALISATIONS, load_pipeline, sample, sd3_sigmas, seeded, velocity, x0_hat
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+# -----------------------------------------------------------------------------
+# Presets: the values of the flags left at None, by backbone
+
+PRESETS = {
+    # ImageReward's ReFL as DiNa-LRM runs it on SD3.5 (docs/design.md §10): 64 images per step, lr 1e-4, LoRA r 32, the
+    # step with gradient in the last quarter of a 40-step ODE; 300 steps, evaluated every 25 (ReFL hacks the reward:
+    # --early-stop), no pretraining loss unless --fm-data
+    "dina": dict(iters=300, batch=64, resolution=512, steps=40, mid_range=(30, 40), eval_steps=40, eval_seeds=2,
+                 heldout_seeds=2, lr=1e-4, fm_weight=0.0, lora_rank=32, lora_alpha=64, eval_interval=25,
+                 ckpt_interval=25),
+    # the toy world's laptop sizing: 24 images per step, the same last quarter of 10 steps, and the flow-matching loss
+    # on the toy's renders, without which the toy reward is hacked (measured: docs/log.md)
+    "toy": dict(iters=100, batch=24, resolution=32, steps=10, mid_range=(7, 10), eval_steps=10, eval_seeds=4,
+                heldout_seeds=12, lr=1e-4, fm_weight=1.0, lora_rank=8, lora_alpha=16, eval_interval=25,
+                ckpt_interval=25),
+}
+
+STEP_DRAWS = 0  # seeded(seed, step, STEP_DRAWS): the step's mid and its prompts
+REWARD_NOISE = 7  # seeded(seed, step, image, REWARD_NOISE): the reward's re-noising of the image's x0_hat
+FM_PICK = 3  # seeded(seed, step, first image of the micro-batch, FM_PICK): the real latents of L_fm
+FM_NOISE = 4  # seeded(seed, step, first image of the micro-batch, FM_NOISE): their t and noise
+
+parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description=__doc__.split("\n\n")[0],
+                                 epilog="presets:\n" + "\n".join(f"  {n}: {v}" for n, v in PRESETS.items()))
 parser.add_argument("--backbone", default="toy", help="the generator: tiny | toy | sd35m | sd35l")
 parser.add_argument("--backbone-path", default=None, help="diffusers folder or hub id overriding the preset")
-parser.add_argument("--reward", nargs="+", default=None, help="train_reward.py checkpoint folder(s) or released DiNa-LRM "
-                    "folders (default on the toy: out/reward-toy-dina); 'oracle' is not differentiable and is refused")
+parser.add_argument("--reward", nargs="+", default=None, help="train_reward.py checkpoint folder(s) or released "
+                    "DiNa-LRM folders (default on the toy: out/reward-toy-dina); 'oracle' is not differentiable and is "
+                    "refused")
 parser.add_argument("--reward-weight", nargs="+", type=float, default=None,
-                    help="weight of each reward (1); all 0: the flow-matching-only control, its evaluation still reports the rewards")
+                    help="weight of each reward (1); all 0: the flow-matching-only control, its evaluation still "
+                    "reports the rewards")
 parser.add_argument("--reward-t", type=float, default=None,
                     help="noise level the reward reads (default: its checkpoint's t_eval)")
 parser.add_argument("--score-normalisation", default="raw", choices=list(SCORE_NORMALISATIONS),
-                    help="of the rewards: raw | plus10 = (raw + 10) / 10 | plus12 = (raw + 12) / 10 (scales the reward's gradient)")
+                    help="of the rewards: raw | plus10 = (raw + 10) / 10 | plus12 = (raw + 12) / 10 (scales the "
+                    "reward's gradient)")
 parser.add_argument("--prompts", default=None, help="training prompts, one per line (toy: out/toy/prompts_train.txt)")
 parser.add_argument("--eval-prompts", default=None,
                     help="fixed evaluation prompts seen in training (toy: the training prompts)")
 parser.add_argument("--heldout-prompts", default=None,
                     help="fixed held-out evaluation prompts (toy: out/toy/prompts_heldout.txt)")
-# None = the recipe's value (help: SD3.5 / toy), filled in by resolve_args
-parser.add_argument("--iters", type=int, default=None, help="optimizer steps: 300 / 100")
-parser.add_argument("--batch", type=int, default=None, help="images per step over all ranks (ReFL, DiNa: 64) / 24")
-parser.add_argument("--micro-batch", type=int, default=None, help="images per forward on one rank (default: batch / world)")
-parser.add_argument("--resolution", type=int, default=None, help="image side: 512 / 32")
-parser.add_argument("--steps", type=int, default=None, help="ODE steps of the rollout: 40 / 10")
+# None: the preset's value (PRESETS above)
+parser.add_argument("--iters", type=int, default=None, help="optimizer steps (preset)")
+parser.add_argument("--batch", type=int, default=None, help="images per step over all ranks (preset)")
+parser.add_argument("--micro-batch", type=int, default=None,
+                    help="images per forward on one rank (default: batch / world)")
+parser.add_argument("--resolution", type=int, default=None, help="image side (preset)")
+parser.add_argument("--steps", type=int, default=None, help="ODE steps of the rollout (preset)")
 parser.add_argument("--mid-range", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
-                    help="LO,HI: the step with gradient is drawn from [LO, HI): 30,40 / 7,10 (the last quarter)")
+                    help="LO,HI: the step with gradient is drawn from [LO, HI) (preset)")
 parser.add_argument("--cfg", type=float, default=4.5, help="guidance of the no-gradient ODE part (the gradient step is "
                     "conditional only, as ImageReward's ReFL)")
-parser.add_argument("--eval-steps", type=int, default=None, help="ODE steps of the evaluation samples: 40 / 10")
-parser.add_argument("--eval-seeds", type=int, default=None, help="images per evaluation prompt (fixed seeds): 2 / 4")
-parser.add_argument("--heldout-seeds", type=int, default=None, help="images per held-out prompt: 2 / 12 (the toy has 15)")
+parser.add_argument("--eval-steps", type=int, default=None, help="ODE steps of the evaluation samples (preset)")
+parser.add_argument("--eval-seeds", type=int, default=None, help="images per evaluation prompt (fixed seeds) (preset)")
+parser.add_argument("--heldout-seeds", type=int, default=None, help="images per held-out prompt (fixed seeds) (preset)")
 parser.add_argument("--eval-cfg", type=float, default=4.5)
-parser.add_argument("--loss", default="mean", help="mean: mean(target - r) (DiNa) | relu: mean(relu(target - r)) (ImageReward)")
+parser.add_argument("--loss", default="mean",
+                    help="mean: mean(target - r) (DiNa) | relu: mean(relu(target - r)) (ImageReward)")
 parser.add_argument("--target", type=float, default=2.0, help="the 2 of 2 - r")
-parser.add_argument("--fm-weight", type=float, default=None, help="lam of (L + lam L_fm) / (1 + lam), 0 = no pretraining "
-                    "loss: 0 / 1 (the toy's renders; README: without it the toy reward is hacked within 100 steps)")
-parser.add_argument("--fm-data", default=None, help="real latents for L_fm: a train_reward.py cache folder (all its images); "
-                    "toy default: fresh renders of the training prompts, VAE-encoded once")
-parser.add_argument("--lr", type=float, default=None, help="AdamW: 1e-4 (ReFL, DiNa) / 1e-4")
+parser.add_argument("--fm-weight", type=float, default=None,
+                    help="lam of (L + lam L_fm) / (1 + lam), 0 = no pretraining loss (preset)")
+parser.add_argument("--fm-data", default=None, help="real latents for L_fm: a train_reward.py cache folder (all its "
+                    "images); toy default: fresh renders of the training prompts, VAE-encoded once")
+parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (preset)")
 parser.add_argument("--weight-decay", type=float, default=1e-4)
 parser.add_argument("--grad-clip", type=float, default=1.0)
-parser.add_argument("--lora-rank", type=int, default=None, help="32 / 8")
-parser.add_argument("--lora-alpha", type=int, default=None, help="64 / 16 (2 x rank)")
+parser.add_argument("--lora-rank", type=int, default=None, help="rank of the policy's LoRA (preset)")
+parser.add_argument("--lora-alpha", type=int, default=None, help="its alpha (preset)")
 parser.add_argument("--ema", type=float, default=0.9, help="EMA decay of the LoRA weights, stepped every step; 0 = off")
-parser.add_argument("--early-stop", type=int, default=0, help="stop when the held-out proxy has not risen for this many "
-                    "evaluations, and export the best evaluation's weights (0 = off)")
+parser.add_argument("--early-stop", type=int, default=0, help="stop when the held-out proxy has not risen for this "
+                    "many evaluations, and export the best evaluation's weights (0 = off)")
 parser.add_argument("--out", default="out/refl")
-parser.add_argument("--eval-interval", type=int, default=None, help="steps between evaluations: 25 / 25")
-parser.add_argument("--ckpt-interval", type=int, default=None, help="steps between checkpoints: 25 / 25")
+parser.add_argument("--eval-interval", type=int, default=None,
+                    help="steps between evaluations (0: first and last only) (preset)")
+parser.add_argument("--ckpt-interval", type=int, default=None, help="steps between checkpoints (preset)")
 parser.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.safetensors")
 parser.add_argument("--seed", type=int, default=0)
 
-# (SD3.5, toy) values of the flags left at None; the toy's fit a 10-minute CPU run (README: measured)
-DEFAULTS = dict(iters=(300, 100), batch=(64, 24), resolution=(512, 32), steps=(40, 10), mid_range=((30, 40), (7, 10)),
-                eval_steps=(40, 10), eval_seeds=(2, 4), heldout_seeds=(2, 12), lr=(1e-4, 1e-4), fm_weight=(0.0, 1.0),
-                lora_rank=(32, 8), lora_alpha=(64, 16), eval_interval=(25, 25), ckpt_interval=(25, 25))
-
 
 def resolve_args(args):
-    small = args.backbone in ("toy", "tiny")
-    for k, (full, lap) in DEFAULTS.items():
+    """The preset's values (the toy's on toy and tiny, else SD3.5's) for the flags left at None (flags given on the
+    command line win), checked -> (args, the preset's name, its keys)."""
+    name = "toy" if args.backbone in ("toy", "tiny") else "dina"
+    for k, v in PRESETS[name].items():
         if getattr(args, k) is None:
-            setattr(args, k, lap if small else full)
+            setattr(args, k, v)
     if args.backbone == "toy":
         args.reward = args.reward or ["out/reward-toy-dina"]
         args.prompts = args.prompts or "out/toy/prompts_train.txt"
@@ -109,7 +142,7 @@ def resolve_args(args):
         raise ValueError(f"--mid-range {lo},{hi} is outside the {args.steps}-step schedule")
     if args.loss not in ("mean", "relu"):
         raise ValueError(f"unknown --loss {args.loss!r}; choose mean or relu")
-    return args
+    return args, name, list(PRESETS[name])
 
 
 def refl_loss(r, target=2.0, kind="mean"):
@@ -137,7 +170,8 @@ def real_latents(args, pipe, table, prompts, device):
         lat, pe, pooled = cache.image_batch(items)
         if pe.shape[1:] != table[prompts[0]][0].shape:
             raise ValueError(f"{args.fm_data}: cached prompt embeddings {tuple(pe.shape[1:])} do not match the "
-                             f"generator's {tuple(table[prompts[0]][0].shape)} (encode the cache at the reward's text length)")
+                             f"generator's {tuple(table[prompts[0]][0].shape)} (encode the cache at the reward's text "
+                             "length)")
         return lat, pe, pooled
     rng = np.random.default_rng(args.seed)
     names = [p for p in prompts for _ in range(16)]
@@ -148,128 +182,202 @@ def real_latents(args, pipe, table, prompts, device):
     return (lat.cpu(), *align.embeds(table, names))
 
 
-def main(args):
-    args = resolve_args(args)
-    ddp, rank, world, device, autocast = align.setup_distributed()
-    micro = args.micro_batch or args.batch // world
-    if args.batch % (micro * world):
-        raise ValueError(f"--batch {args.batch} is not a multiple of --micro-batch {micro} x {world} rank(s)")
-    n_local = args.batch // world
+# -----------------------------------------------------------------------------
+# Setup: the generator with its LoRA policy, the rewards, every prompt encoded once, the real latents of L_fm
+
+
+class Run(NamedTuple):
+    """What main sets up once (build)."""
+    transformer: torch.nn.Module  # the generator's, the LoRA policy on it
+    vae: torch.nn.Module  # decodes the evaluation images
+    oracle: object  # align.Oracle: the toy's golden judge of the evaluation images; None elsewhere
+    rewards: list  # align.load_rewards: differentiable latent rewards
+    table: dict  # {prompt: (prompt_embeds, pooled)}, every prompt encoded once
+    train_prompts: list
+    splits: dict  # {train, heldout: fixed evaluation prompts}
+    fm: tuple  # real_latents (latents, prompt embeds, pooled) for L_fm; None without it
+    shape: tuple  # the latent's (h, w)
+    sigmas: torch.Tensor  # the rollouts' schedule
+    eval_sigmas: torch.Tensor  # the evaluation's
+    neg: tuple  # the empty prompt's embeddings: CFG's negative
+    params: dict  # the LoRA weights {name: parameter}
+    ema: dict  # their EMA, the weights evaluated and exported
+    opt: torch.optim.Optimizer
+    device: str
+
+
+def build(args, device):
     train_prompts = align.read_prompts(args.prompts, "--prompts")
-    splits = {"train": align.read_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else train_prompts[:32]}
+    seen = align.read_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else train_prompts[:32]
+    splits = {"train": seen}
     if args.heldout_prompts:
         splits["heldout"] = align.read_prompts(args.heldout_prompts, "--heldout-prompts")
-
-    # ---------------------------------------------------------------------------- generator, rewards, prompts once
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     pipe = load_pipeline(args.backbone, args.backbone_path, args.seed, dtype=dtype).to(device)
-    transformer, vae = pipe.transformer, pipe.vae
-    oracle = align.Oracle(toy.toy_golden_score, toy.match_stats) if args.backbone == "toy" else None  # golden judge of decoded images
+    transformer = pipe.transformer
+    oracle = align.Oracle(toy.toy_golden_score, toy.match_stats) if args.backbone == "toy" else None
     rewards = align.load_rewards(args.reward, args.reward_weight, transformer, args.reward_t, device,
                                  normalisation=args.score_normalisation)
     text_len = next(r["text_len"] for r in rewards)
     table = align.encode_prompt_table(pipe, train_prompts + [p for s in splits.values() for p in s], text_len, device)
     fm = real_latents(args, pipe, table, train_prompts, device) if args.fm_weight > 0 else None
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # never called again
-    shape = (args.resolution // pipe.vae_scale_factor,) * 2  # the latent's (h, w)
+    shape = (args.resolution // pipe.vae_scale_factor,) * 2
     params = align.add_policy_lora(transformer, args.lora_rank, args.lora_alpha, seed=args.seed)
     opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     ema = {n: p.detach().clone() for n, p in params.items()}
     shift = pipe.scheduler.config.get("shift", 3.0)  # the generator's own schedule (SD3.5: 3)
-    sigmas, eval_sigmas = sd3_sigmas(args.steps, shift), sd3_sigmas(args.eval_steps, shift)
-    neg = align.embeds(table, [""], device)
-    seeds = dict(train=args.eval_seeds, heldout=args.heldout_seeds)
-    weights = torch.tensor(args.reward_weight, device=device)[:, None]
-    # the evaluation's proxy: the weighted sum of the rewards; with every weight 0 (the flow-matching-only
-    # control, --reward-weight 0) their plain sum, so the control still shows what the reward reads
+    return Run(transformer, pipe.vae, oracle, rewards, table, train_prompts, splits, fm, shape,
+               sd3_sigmas(args.steps, shift), sd3_sigmas(args.eval_steps, shift), align.embeds(table, [""], device),
+               params, ema, opt, device)
+
+
+# -----------------------------------------------------------------------------
+# The phases of a step: rollout -> losses (reward, L_fm) -> backward, per micro-batch; update; evaluate
+
+
+def rollout(args, run, it, rows, prompts, mid, autocast):
+    """Images `rows` (their global indices) from their seeded noise: the ODE with CFG down to step mid, no gradient
+    -> x at sigma_mid (B,C,h,w)."""
+    pe, pooled = align.embeds(run.table, prompts, run.device)
+    z = torch.stack([torch.randn(run.transformer.config.in_channels, *run.shape, generator=seeded(args.seed, it, i))
+                     for i in rows]).to(run.device)
+    with torch.no_grad(), autocast:
+        return sample(run.transformer, z, run.sigmas[:mid + 1], pe, pooled, args.cfg, run.neg)["latents"]
+
+
+def losses(args, run, x, it, rows, prompts, mid, autocast):
+    """One conditional step with gradient at step mid, x0_hat, the weighted rewards of x0_hat (re-noised by the stream
+    REWARD_NOISE), ReFL's loss, with L_fm on real latents -> (loss (B,), rewards (B,), L_fm (B,) or None)."""
+    weights = torch.tensor(args.reward_weight, device=run.device)[:, None]
+    pe, pooled = align.embeds(run.table, prompts, run.device)
+    keys = [(args.seed, it, i, REWARD_NOISE) for i in rows]
+    l_fm = None
+    with autocast:
+        v = velocity(run.transformer, x, run.sigmas[mid], pe, pooled)
+        lat = x0_hat(x, float(run.sigmas[mid]), v)
+        r = (weights * align.score_rewards(run.rewards, lat, prompts, run.table, keys)).sum(0)
+        loss = refl_loss(r, args.target, args.loss)
+        if run.fm is not None:
+            pick = torch.randint(len(run.fm[0]), (len(rows),), generator=seeded(args.seed, it, rows[0], FM_PICK))
+            real = (t[pick].to(run.device) for t in run.fm)
+            l_fm = flow_matching_loss(run.transformer, *real, seeded(args.seed, it, rows[0], FM_NOISE))
+            loss = (loss + args.fm_weight * l_fm) / (1 + args.fm_weight)
+    return loss, r, l_fm
+
+
+def proxy(args, run, lat, prompts):
+    """The evaluation's proxy: the weighted sum of the rewards, re-noised by the fixed stream align.PROXY_NOISE; with
+    every weight 0 (the flow-matching-only control, --reward-weight 0) their plain sum, so the control still shows
+    what the reward reads."""
+    weights = torch.tensor(args.reward_weight, device=run.device)[:, None]
     proxy_weights = weights if weights.abs().sum() > 0 else torch.ones_like(weights)
+    keys = [(args.seed, align.PROXY_NOISE, i) for i in range(len(lat))]
+    return (proxy_weights * align.score_rewards(run.rewards, lat, prompts, run.table, keys)).sum(0)
 
-    def proxy(lat, prompts):  # (fixed reward noise)
-        keys = [(args.seed, 10 ** 9, i) for i in range(len(lat))]
-        return (proxy_weights * align.score_rewards(rewards, lat, prompts, table, keys)).sum(0)
 
-    def evaluate():
-        align.swap_weights(params, ema)
-        with autocast:
-            rep, imgs = align.evaluate_policy(transformer, table, splits, seeds, eval_sigmas, args.eval_cfg, proxy,
-                                              shape, vae, oracle)
-        align.swap_weights(params, ema)
-        return rep, imgs
+def evaluate(args, run, autocast):
+    """The fixed evaluation (docs/design.md §10) of the EMA weights
+    -> ({split: metrics}, {split: first-seed images})."""
+    seeds = dict(train=args.eval_seeds, heldout=args.heldout_seeds)
+    align.swap_weights(run.params, run.ema)
+    with autocast:
+        report, images = align.evaluate_policy(run.transformer, run.table, run.splits, seeds, run.eval_sigmas,
+                                               args.eval_cfg, partial(proxy, args, run), run.shape, run.vae, run.oracle)
+    align.swap_weights(run.params, run.ema)
+    return report, images
+
+
+class Best(NamedTuple):
+    """--early-stop: the evaluation with the highest held-out proxy so far."""
+    score: float  # its held-out proxy (the training one without held-out prompts)
+    ema: dict  # a copy of the EMA weights it evaluated
+    images: dict  # its first-seed images
+    evaluations: int  # len(history) at it
+
+
+def main(args):
+    args, recipe, keys = resolve_args(args)
+    ddp, rank, world, device, autocast = align.setup_distributed()
+    align.print_recipe(recipe, keys, args)
+    micro = args.micro_batch or args.batch // world
+    if args.batch % (micro * world):
+        raise ValueError(f"--batch {args.batch} is not a multiple of --micro-batch {micro} x {world} rank(s)")
+    n_local = args.batch // world
+    run = build(args, device)
 
     # ---------------------------------------------------------------------------- resume, or the evaluation before
-    it, history, ckpt_path, log_path = align.start_run(args.out, args.resume, params, ema, opt, evaluate, rank, device)
-    best = None
+    it, history, ckpt_path, log_path = align.start_run(args.out, args.resume, run.params, run.ema, run.opt,
+                                                       rank, device)
+    if not history:
+        report, before_images = evaluate(args, run, autocast)
+        history = [dict(iter=0, **report)]
+        if rank == 0:
+            align.image_grid([im[:12] for im in before_images.values()]).save(os.path.join(args.out, "before.png"))
     align.print0(f"world {world}: {args.batch} images per step = micro {micro} x {n_local // micro} x {world} rank(s); "
-                 f"{sum(p.numel() for p in params.values()) / 1e6:.3f}M LoRA parameters")
+                 f"{sum(p.numel() for p in run.params.values()) / 1e6:.3f}M LoRA parameters")
     align.print0("before: " + align.describe_eval(history[0]))
 
     # ---------------------------------------------------------------------------- the loop
-    after_images, stale = None, 0
+    best, ema, after_images, stale = None, run.ema, None, 0
     bar = tqdm(total=args.iters, initial=it, disable=rank != 0, desc="refl")
     while it < args.iters:
         t0 = time.time()
-        g = seeded(args.seed, it, 0)
-        mid = torch.randint(*args.mid_range, (1,), generator=g).item()
-        order = torch.randint(len(train_prompts), (args.batch,), generator=g).tolist()
+        draws = seeded(args.seed, it, STEP_DRAWS)
+        mid = torch.randint(*args.mid_range, (1,), generator=draws).item()  # the step with gradient
+        order = torch.randint(len(run.train_prompts), (args.batch,), generator=draws).tolist()
         mine = list(range(rank * n_local, (rank + 1) * n_local))
         stats = dict(loss=0.0, reward=0.0, fm=0.0)
         for c in range(0, n_local, micro):
             rows = mine[c:c + micro]
-            prompts = [train_prompts[order[i]] for i in rows]
-            pe, pooled = align.embeds(table, prompts, device)
-            z = torch.stack([torch.randn(transformer.config.in_channels, *shape, generator=seeded(args.seed, it, i))
-                             for i in rows]).to(device)
-            with torch.no_grad(), autocast:  # the ODE with CFG down to step mid, no gradient
-                x = sample(transformer, z, sigmas[:mid + 1], pe, pooled, args.cfg, neg)["latents"]
-            with autocast:
-                v = velocity(transformer, x, sigmas[mid], pe, pooled)  # one conditional step with gradient
-                r = (weights * align.score_rewards(rewards, x0_hat(x, float(sigmas[mid]), v), prompts, table,
-                                             [(args.seed, it, i, 7) for i in rows])).sum(0)
-                loss = refl_loss(r, args.target, args.loss)
-                if fm is not None:
-                    gi = torch.randint(len(fm[0]), (len(rows),), generator=seeded(args.seed, it, rows[0], 3))
-                    l_fm = flow_matching_loss(transformer, *(t[gi].to(device) for t in fm), seeded(args.seed, it, rows[0], 4))
-                    stats["fm"] += l_fm.sum().item() / args.batch
-                    loss = (loss + args.fm_weight * l_fm) / (1 + args.fm_weight)
+            prompts = [run.train_prompts[order[i]] for i in rows]
+            x = rollout(args, run, it, rows, prompts, mid, autocast)  # the ODE down to step mid, no gradient
+            loss, r, l_fm = losses(args, run, x, it, rows, prompts, mid, autocast)  # one step with gradient: loss
             loss.sum().div(args.batch).backward()
             stats["loss"] += loss.sum().item() / args.batch
             stats["reward"] += r.sum().item() / args.batch
+            if l_fm is not None:
+                stats["fm"] += l_fm.sum().item() / args.batch
         if ddp:
             parts = [None] * world
             dist.all_gather_object(parts, stats)
             stats = {k: sum(s[k] for s in parts) for k in stats}
-        gnorm = align.optimizer_step(params, opt, ema, args.ema, args.grad_clip, ddp, f"step {it} (prompts {prompts[:3]}...)")
+        gnorm = align.optimizer_step(run.params, run.opt, run.ema, args.ema, args.grad_clip, ddp,
+                                     f"step {it} (prompts {prompts[:3]}...)")
         it += 1
         rec = dict(iter=it, mid=mid, gnorm=gnorm, **stats, seconds=dict(training=time.time() - t0))
         if (args.eval_interval and it % args.eval_interval == 0) or it == args.iters:
-            rep, after_images = evaluate()
-            history.append(dict(iter=it, **rep))
-            rec["eval"] = {s: {k: v for k, v in r.items() if k != "golden_all"} for s, r in rep.items()}
+            report, after_images = evaluate(args, run, autocast)
+            history.append(dict(iter=it, **report))
+            rec["eval"] = {s: {k: v for k, v in r.items() if k != "golden_all"} for s, r in report.items()}
             bar.write(f"step {it}: " + align.describe_eval(history[-1]))
-            score = rep.get("heldout", rep["train"])["reward"]
-            if best is None or score > best[0]:
-                best, stale = (score, {n: e.clone() for n, e in ema.items()}, after_images, len(history)), 0
+            score = report.get("heldout", report["train"])["reward"]
+            if best is None or score > best.score:
+                best, stale = Best(score, {n: e.clone() for n, e in run.ema.items()}, after_images, len(history)), 0
             else:
                 stale += 1
         if rank == 0:
             bar.write(f"step {it} | mid {mid} | loss {stats['loss']:.4f} | reward {stats['reward']:.4f} | "
-                      f"fm {stats['fm']:.4f} | "
-                      f"gnorm {gnorm:.3f} | {rec['seconds']['training']:.1f} s")
+                      f"fm {stats['fm']:.4f} | gnorm {gnorm:.3f} | {rec['seconds']['training']:.1f} s")
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if it % args.ckpt_interval == 0 or it == args.iters:
-                align.save_policy_state(ckpt_path, params, ema, opt, dict(args=vars(args), iteration=it, history=history))
+                meta = dict(args=vars(args), iteration=it, history=history)
+                align.save_policy_state(ckpt_path, run.params, run.ema, run.opt, meta)
         bar.update(1)
         if args.early_stop and stale >= args.early_stop:
             align.print0(f"early stop at step {it}: the held-out proxy has not risen for {stale} evaluations; "
-                         f"exporting the weights of step {history[best[3] - 1]['iter']}")
-            ema, after_images, history = best[1], best[2], history[:best[3]]
+                         f"exporting the weights of step {history[best.evaluations - 1]['iter']}")
+            ema, after_images, history = best.ema, best.images, history[:best.evaluations]
             break
     bar.close()
+
+    # ---------------------------------------------------------------------------- export the EMA weights, the report
     if rank == 0:
-        align.finish(args.out, history, after_images, params, ema, transformer, "steps")
-    if ddp:
-        dist.barrier()  # a normal exit after a barrier (destroy_process_group can abort under gloo)
+        align.swap_weights(run.params, ema)  # the policy takes the EMA weights evaluated (early stop: the best ones)
+        align.save_policy_lora(os.path.join(args.out, "lora"), run.transformer)
+        align.finish(args.out, history, after_images, "steps")
+    align.barrier()  # a normal exit after a barrier (destroy_process_group can abort under gloo)
 
 
 if __name__ == "__main__":

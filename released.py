@@ -21,7 +21,7 @@ model.SCORE_NORMALISATIONS (eval_reward.py and the alignment stages: --score-nor
     python eval_reward.py --ckpt out/reward-sd35m-dina --export-released out/dina-released
 
 Citations: files of HKUST-C4G/diffusion-rm at af485b4: RH diffusion_rm/models/reward_head.py, SD3RM
-diffusion_rm/models/sd3_rm.py, ENG diffusion_rm/train/engine.py, TR scripts/train_sd3.py, INF diffusion_rm/infer/inference.py.
+diffusion_rm/models/sd3_rm.py, ENG diffusion_rm/train/engine.py, TR diffusion-rm/scripts/train_sd3.py, INF diffusion_rm/infer/inference.py.
 It sits above model.py (which imports neither this file nor toy.py): whatever names a reward on the command line
 (--ckpt, --reward) is opened by load_reward here, which hands our own checkpoints to model.load_reward_model.
 """

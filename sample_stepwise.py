@@ -4,7 +4,7 @@ k successors are drawn from that same mean, all k x B of them are scored in one 
 noise level (the reward was trained on noisy latents: no decode, no re-noising), and the best one carries on.
 k = 1 is the plain SDE sampler with the same seed, bit for bit.
 
-Toy world (after the quick start `python train_reward.py`; about 6 minutes on 2 CPU cores):
+Toy world (after the quick start `python train_reward.py`):
     python sample_stepwise.py                        # k = 1, 2, 4, 6 on the 15 held-out combinations, 12 seeds each
     python sample_stepwise.py --prompts out/toy/prompts_train.txt --seeds 4 --out out/stepwise-train
     python sample_stepwise.py --score x0hat --out out/stepwise-x0hat     # ablation: score the one-step prediction
@@ -12,10 +12,15 @@ Toy world (after the quick start `python train_reward.py`; about 6 minutes on 2 
 SD3.5-M with a reward trained here (DRM's setting: 512x512, 50 steps):
     python sample_stepwise.py --backbone sd35m --reward out/reward-sd35m-drm --prompts prompts.txt --k 1 2 4 6
 
+In plain sight (main): for the ODE and each k, sample every image (sample_all) -> judge the final latents (the proxy
+reward, and on the toy the golden oracle) -> the FLOPs of one step -> the files (write_outputs).
+
 Writes <out>/images/k<k>/<prompt>_<seed>.png (decoded once, at the end), <out>/grid.png (k = 1 above the largest k,
 same prompts and seeds), <out>/table.md and <out>/results.json: per k, seconds per image, the proxy reward of the final
 latents, on the toy the golden oracle (its paired gain over k = 1 with its standard error) and prompt-match rates, and
 the diversity (mean pairwise RMS pixel distance between the images of one prompt). Also a row "ode": the ODE sampler.
+The flags left alone take a preset's values (PRESETS below, printed at start): the toy's on the toy and tiny backbones,
+else DRM's.
 
 Notes: --select sample draws the successor from softmax(r / T) (seeded per image and step); --score x0hat re-scores
 x0_hat = x - sigma v of each successor at the reward's t_eval (re-noised with seeded noise), which costs one more
@@ -26,6 +31,8 @@ import argparse
 import json
 import os
 import time
+from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,23 +40,35 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import align
 import toy
-from model import SCORE_NORMALISATIONS, SDE_STEPS, load_pipeline, sample, sd3_sigmas, sde_children, seeded, velocity, x0_hat
+from model import SCORE_NORMALISATIONS, SDE_STEPS, load_pipeline, sample, sd3_sigmas, sde_children, seeded, velocity
+from model import x0_hat
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+# -----------------------------------------------------------------------------
+# Presets: the values of the flags left at None, by backbone
+
+PRESETS = {
+    "drm": dict(steps=50, resolution=512, seeds=4),  # DRM's Step-wise Sampling setting on SD3.5-M: 512x512, 50 steps
+    "toy": dict(steps=10, resolution=32, seeds=12),  # the toy world's laptop sizing: its generator's 10 steps, 32 px
+}
+
+parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 description=__doc__.split("\n\n")[0],
+                                 epilog="presets:\n" + "\n".join(f"  {n}: {v}" for n, v in PRESETS.items()))
 parser.add_argument("--backbone", default="toy", help="the generator: tiny | toy | sd35m | sd35l")
 parser.add_argument("--backbone-path", default=None, help="diffusers folder or hub id overriding the preset")
-parser.add_argument("--reward", nargs="+", default=None, help="train_reward.py checkpoint(s) (toy: out/reward-toy-dina)")
+parser.add_argument("--reward", nargs="+", default=None,
+                    help="train_reward.py checkpoint(s) (toy: out/reward-toy-dina)")
 parser.add_argument("--reward-weight", nargs="+", type=float, default=None, help="weight of each reward (1)")
 parser.add_argument("--score-normalisation", default="raw", choices=list(SCORE_NORMALISATIONS), help="of the latent "
                     "rewards: raw | plus10 | plus12 (affine: the argmax, and so --select best, does not change)")
 parser.add_argument("--prompts", default=None, help="prompts file, one per line (toy: out/toy/prompts_heldout.txt)")
 parser.add_argument("--prompt", default=None, help="one prompt instead of a file")
-parser.add_argument("--seeds", type=int, default=None, help="images per prompt, fixed seeds: 4 / toy 12")
+parser.add_argument("--seeds", type=int, default=None, help="images per prompt, fixed seeds (preset)")
 parser.add_argument("--k", nargs="+", type=int, default=[1, 2, 4, 6], help="successors per step (DRM: 1, 2, 4, 6)")
-parser.add_argument("--steps", type=int, default=None, help="denoising steps: 50 (DRM) / toy 10")
+parser.add_argument("--steps", type=int, default=None, help="denoising steps (preset)")
 parser.add_argument("--steps-window", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                     help="START,END: choose among k only at steps in [START, END) (default: every step)")
-parser.add_argument("--resolution", type=int, default=None, help="image side: 512 (DRM) / toy 32")
+parser.add_argument("--resolution", type=int, default=None, help="image side (preset)")
 parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance (1 = off)")
 parser.add_argument("--sde-type", default="sde", help="sde (Flow-GRPO's) | cps")
 parser.add_argument("--noise-level", type=float, default=0.7, help="SDE noise a (the plain sampler of k = 1)")
@@ -62,16 +81,25 @@ parser.add_argument("--out", default="out/stepwise")
 parser.add_argument("--seed", type=int, default=0)
 
 
-def check_args(args):
+def resolve_args(args):
+    """The preset's values (the toy's on toy and tiny, else DRM's) for the flags left at None (flags given on the
+    command line win), checked -> (args, the preset's name, its keys)."""
+    name = "toy" if args.backbone in ("toy", "tiny") else "drm"
+    for key, v in PRESETS[name].items():
+        if getattr(args, key) is None:
+            setattr(args, key, v)
     if min(args.k) < 1:
         raise ValueError(f"--k {min(args.k)}: every k must be >= 1 (k = 1 is the plain SDE sampler)")
     if args.select not in ("best", "sample") or args.score not in ("noisy", "x0hat") or args.sde_type not in SDE_STEPS:
-        raise ValueError(f"--select {args.select} / --score {args.score} / --sde-type {args.sde_type}: choose best|sample, "
-                         f"noisy|x0hat, {'|'.join(SDE_STEPS)}")
+        raise ValueError(f"--select {args.select} / --score {args.score} / --sde-type {args.sde_type}: choose "
+                         f"best|sample, noisy|x0hat, {'|'.join(SDE_STEPS)}")
     lo, hi = args.steps_window or (0, args.steps)
     if not 0 <= lo < hi <= args.steps:
         raise ValueError(f"--steps-window {lo},{hi} is outside the {args.steps}-step schedule [0, {args.steps})")
     args.steps_window = (lo, hi)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds}: at least one image per prompt")
+    return args, name, list(PRESETS[name])
 
 
 @torch.no_grad()
@@ -113,109 +141,150 @@ def diversity(images, groups):
 
 
 def flops(fn):
+    """The FLOPs torch counts in one call of fn()."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
 
-@torch.no_grad()
-def main(args):
-    small = args.backbone in ("toy", "tiny")
-    args.steps = args.steps or (10 if small else 50)
-    args.resolution = args.resolution or (32 if small else 512)
-    args.seeds = args.seeds or (12 if small else 4)
-    check_args(args)
+# -----------------------------------------------------------------------------
+# Setup, the successors' scores, sampling every image, judging the final latents
+
+
+class Run(NamedTuple):
+    """What main sets up once (build)."""
+    transformer: torch.nn.Module  # the generator's
+    vae: torch.nn.Module  # decodes the final latents
+    oracle: object  # align.Oracle: the toy's golden judge of the images; None elsewhere
+    rewards: list  # align.load_rewards: latent rewards
+    weights: torch.Tensor  # (R, 1): each reward's weight
+    table: dict  # {prompt: (prompt_embeds, pooled)}, every prompt encoded once
+    prompts: list
+    items: list  # every image: (prompt, its index, seed)
+    shape: tuple  # the latent's (C, h, w)
+    sigmas: torch.Tensor
+    neg: tuple  # the empty prompt's embeddings: CFG's negative
+    device: str
+
+
+def build(args):
     if args.prompt is not None:
         prompts = [args.prompt]
     else:
-        prompts = align.read_prompts(args.prompts or ("out/toy/prompts_heldout.txt" if args.backbone == "toy" else None))
+        default = "out/toy/prompts_heldout.txt" if args.backbone == "toy" else None
+        prompts = align.read_prompts(args.prompts or default)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     pipe = load_pipeline(args.backbone, args.backbone_path, args.seed, dtype=dtype).to(device)
-    transformer, vae = pipe.transformer.requires_grad_(False), pipe.vae
+    transformer = pipe.transformer.requires_grad_(False)
     paths = args.reward or (["out/reward-toy-dina"] if args.backbone == "toy" else None)
     if not paths:
         raise ValueError("--reward is required: a train_reward.py checkpoint folder")
     weights = args.reward_weight or [1.0] * len(paths)
     if len(weights) != len(paths):
         raise ValueError(f"--reward-weight has {len(weights)} values for {len(paths)} rewards")
-    oracle = align.Oracle(toy.toy_golden_score, toy.match_stats) if args.backbone == "toy" else None  # golden judge of decoded images
-    rewards = align.load_rewards(paths, weights, transformer, None, device,
-                                 normalisation=args.score_normalisation)
+    oracle = align.Oracle(toy.toy_golden_score, toy.match_stats) if args.backbone == "toy" else None
+    rewards = align.load_rewards(paths, weights, transformer, None, device, normalisation=args.score_normalisation)
     sigmas = sd3_sigmas(args.steps, pipe.scheduler.config.get("shift", 3.0))
     lo, hi = args.steps_window
     if args.score == "noisy":
         align.check_dense(rewards, sigmas[lo + 1:hi + 1].tolist())
-    text_len = rewards[0]["text_len"] or 77
-    table = align.encode_prompt_table(pipe, prompts, text_len, device)
+    table = align.encode_prompt_table(pipe, prompts, rewards[0]["text_len"] or 77, device)
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # never called again
-    neg = align.embeds(table, [""], device)
-    w = torch.tensor(weights, device=device)[:, None]
-    shape = (transformer.config.in_channels, args.resolution // pipe.vae_scale_factor, args.resolution // pipe.vae_scale_factor)
-    items = [(p, i, s) for i, p in enumerate(prompts) for s in range(args.seeds)]  # image = (prompt, its index, seed)
-    decode = lambda lat: align.decode_latents(vae, lat)
+    side = args.resolution // pipe.vae_scale_factor
+    items = [(p, i, s) for i, p in enumerate(prompts) for s in range(args.seeds)]
+    return Run(transformer, pipe.vae, oracle, rewards, torch.tensor(weights, device=device)[:, None], table, prompts,
+               items, (transformer.config.in_channels, side, side), sigmas, align.embeds(table, [""], device), device)
 
-    def score_fn(batch_prompts, batch_keys, k):
-        rep = [p for p in batch_prompts for _ in range(k)]  # successor j of image b is row b*k + j
 
-        def score(kids, i):
-            t = float(sigmas[i + 1])
-            if args.score == "noisy":
-                return (w * align.score_noisy(rewards, kids, t, rep, table)).sum(0)
-            pe, pooled = align.embeds(table, rep, device)
-            x0 = x0_hat(kids, t, velocity(transformer, kids, t, pe, pooled, args.cfg, neg)) if t > 0 else kids
-            keys = [(*key, i, j) for key in batch_keys for j in range(k)]
-            return (w * align.score_rewards(rewards, x0, rep, table, keys, decode)).sum(0)
-        return score
+def successor_score(args, run, prompts, keys, k, kids, i):
+    """The weighted rewards (B*k,) of the k successors of B images at step i (successor j of image b is row b*k + j):
+    at their noise level (DRM), or --score x0hat: their one-step prediction re-noised with seeded noise."""
+    rep = [p for p in prompts for _ in range(k)]
+    t = float(run.sigmas[i + 1])
+    if args.score == "noisy":
+        return (run.weights * align.score_noisy(run.rewards, kids, t, rep, run.table)).sum(0)
+    pe, pooled = align.embeds(run.table, rep, run.device)
+    x0 = x0_hat(kids, t, velocity(run.transformer, kids, t, pe, pooled, args.cfg, run.neg)) if t > 0 else kids
+    noise_keys = [(*key, i, j) for key in keys for j in range(k)]
+    decode = partial(align.decode_latents, run.vae)
+    return (run.weights * align.score_rewards(run.rewards, x0, rep, run.table, noise_keys, decode)).sum(0)
 
-    # ---------------------------------------------------------------------------- sample every k (and the ODE)
+
+def sample_all(args, run, k):
+    """Every image with the ODE (k = "ode") or Step-wise Sampling with k successors, --batch at a time; image (prompt i,
+    seed s) starts from, and draws its SDE noise from, seeded(seed, s, i) -> (final latents (N,C,h,w), the kept
+    successors' rewards (N, steps))."""
+    lat, kept = [], []
+    for c in range(0, len(run.items), args.batch):
+        chunk = run.items[c:c + args.batch]
+        prompts = [p for p, _, _ in chunk]
+        keys = [(args.seed, s, i) for _, i, s in chunk]
+        gens = [seeded(*key) for key in keys]  # initial noise, then the SDE draws: one generator per image
+        z = torch.stack([torch.randn(run.shape, generator=g) for g in gens]).to(run.device)
+        pe, pooled = align.embeds(run.table, prompts, run.device)
+        if k == "ode":
+            out = sample(run.transformer, z, run.sigmas, pe, pooled, args.cfg, run.neg)["latents"]
+            r = torch.zeros(len(z), 0)
+        else:
+            score = partial(successor_score, args, run, prompts, keys, k)
+            out, r = stepwise_sample(run.transformer, z, run.sigmas, pe, pooled, score, k, args.cfg, run.neg,
+                                     args.noise_level, args.steps_window, gens, args.sde_type, args.select,
+                                     args.temperature, keys)
+        lat.append(out)
+        kept.append(r)
+    return torch.cat(lat), torch.cat(kept)
+
+
+def judge(args, run, lat, kept):
+    """The final latents (N,C,h,w): the proxy (the rewards at their t_eval, re-noised by the stream align.PROXY_NOISE),
+    the decoded images' diversity, the kept rewards per step, on the toy the golden oracle -> (metrics, images)."""
+    prompts = [p for p, _, _ in run.items]
+    proxy = []
+    for c in range(0, len(lat), args.batch):
+        chunk = lat[c:c + args.batch]
+        keys = [(args.seed, align.PROXY_NOISE, c + j) for j in range(len(chunk))]
+        r = align.score_rewards(run.rewards, chunk, prompts[c:c + args.batch], run.table, keys)
+        proxy.append((run.weights * r).sum(0).cpu())
+    pil = [im for c in range(0, len(lat), args.batch) for im in align.decode_latents(run.vae, lat[c:c + args.batch])]
+    res = dict(proxy=torch.cat(proxy).mean().item(), diversity=diversity(pil, [i for _, i, _ in run.items]))
+    if kept.numel():
+        res["kept_reward_per_step"] = kept.nanmean(0).tolist()
+    if run.oracle:
+        golden = run.oracle.score(pil, prompts)
+        stats = run.oracle.match(pil, prompts)
+        res.update(golden=float(golden.mean()), golden_all=golden.tolist(),
+                   **{m: stats[m] for m in ("color", "shape", "background")})
+    return res, pil
+
+
+@torch.no_grad()
+def main(args):
+    args, recipe, keys = resolve_args(args)
+    align.print_recipe(recipe, keys, args)
+    run = build(args)
+
+    # ---------------------------------------------------------------------------- sample every k (and the ODE), judge
     results, images = {}, {}
     for k in ["ode"] + list(args.k):
-        lat, kept, t0 = [], [], time.time()
-        for c in range(0, len(items), args.batch):
-            chunk = items[c:c + args.batch]
-            keys = [(args.seed, s, i) for _, i, s in chunk]
-            gens = [seeded(*key) for key in keys]  # initial noise, then the SDE draws: one generator per image
-            z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-            pe, pooled = align.embeds(table, [p for p, _, _ in chunk], device)
-            if k == "ode":
-                out, r = sample(transformer, z, sigmas, pe, pooled, args.cfg, neg)["latents"], torch.zeros(len(z), 0)
-            else:
-                out, r = stepwise_sample(transformer, z, sigmas, pe, pooled, score_fn([p for p, _, _ in chunk], keys, k),
-                                         k, args.cfg, neg, args.noise_level, args.steps_window, gens, args.sde_type,
-                                         args.select, args.temperature, keys)
-            lat.append(out)
-            kept.append(r)
-        seconds = (time.time() - t0) / len(items)
-        lat = torch.cat(lat)
-        proxy = []
-        for c in range(0, len(lat), args.batch):  # the final latents at the reward's t_eval, seeded re-noising
-            chunk, ps = lat[c:c + args.batch], [p for p, _, _ in items[c:c + args.batch]]
-            keys = [(args.seed, 10 ** 9, c + j) for j in range(len(chunk))]
-            proxy.append((w * align.score_rewards(rewards, chunk, ps, table, keys)).sum(0).cpu())
-        proxy = torch.cat(proxy)
-        pil = [im for c in range(0, len(lat), args.batch) for im in decode(lat[c:c + args.batch])]
-        res = dict(seconds_per_image=seconds, proxy=proxy.mean().item(), diversity=diversity(pil, [i for _, i, _ in items]))
-        if kept[0].numel():
-            res["kept_reward_per_step"] = torch.cat(kept).nanmean(0).tolist()
-        if oracle:
-            golden = oracle.score(pil, [p for p, _, _ in items])
-            stats = oracle.match(pil, [p for p, _, _ in items])
-            res.update(golden=float(golden.mean()), golden_all=golden.tolist(),
-                       **{m: stats[m] for m in ("color", "shape", "background")})
-        results[str(k)], images[str(k)] = res, pil
+        t0 = time.time()
+        lat, kept = sample_all(args, run, k)
+        seconds = (time.time() - t0) / len(run.items)
+        res, pil = judge(args, run, lat, kept)
+        results[str(k)], images[str(k)] = dict(seconds_per_image=seconds, **res), pil
         print(f"k {k}: {seconds:.3f} s/image, proxy {res['proxy']:.4f}" +
-              (f", golden {res['golden']:.4f}" if oracle else ""), flush=True)
+              (f", golden {res['golden']:.4f}" if run.oracle else ""), flush=True)
 
     # ---------------------------------------------------------------------------- FLOPs of one step, the files
-    x1 = torch.zeros(1, *shape, device=device)
-    pe1, pooled1 = align.embeds(table, prompts[:1], device)
-    gen_flops = flops(lambda: velocity(transformer, x1, sigmas[1], pe1, pooled1, args.cfg, neg))
-    rew_flops = flops(lambda: align.score_noisy(rewards, x1, float(sigmas[1]), prompts[:1], table))
-    write_outputs(args, items, results, images, gen_flops, rew_flops, oracle)
+    x1 = torch.zeros(1, *run.shape, device=run.device)
+    pe1, pooled1 = align.embeds(run.table, run.prompts[:1], run.device)
+    gen_flops = flops(lambda: velocity(run.transformer, x1, run.sigmas[1], pe1, pooled1, args.cfg, run.neg))
+    rew_flops = flops(lambda: align.score_noisy(run.rewards, x1, float(run.sigmas[1]), run.prompts[:1], run.table))
+    write_outputs(args, run.items, results, images, gen_flops, rew_flops, run.oracle)
 
 
 def write_outputs(args, items, results, images, gen_flops, rew_flops, oracle):
+    """<out>/images/k<k>/, grid.png, table.md (with each k's cost in FLOPs against k = 1) and results.json."""
     os.makedirs(args.out, exist_ok=True)
     for k, pil in images.items():
         os.makedirs(os.path.join(args.out, "images", f"k{k}"), exist_ok=True)
@@ -242,9 +311,9 @@ def write_outputs(args, items, results, images, gen_flops, rew_flops, oracle):
         g = (f"{r['golden']:.4f} | {gain} | {r['color']:.2f} | {r['shape']:.2f} | {r['background']:.2f}" if oracle
              else " | | | | ")
         lines.append(f"| {k} | {r['seconds_per_image']:.3f} | {cost} | {r['proxy']:.4f} | {g} | {r['diversity']:.4f} |")
-    lines.append(f"\nFLOPs per image and step: generator forward {gen_flops / 1e6:.1f} M (CFG {args.cfg}), reward forward "
-                 f"{rew_flops / 1e6:.1f} M per successor; {len(items)} images, {args.steps} steps, window "
-                 f"{args.steps_window}, --select {args.select}, --score {args.score}, seed {args.seed}")
+    lines.append(f"\nFLOPs per image and step: generator forward {gen_flops / 1e6:.1f} M (CFG {args.cfg}), "
+                 f"reward forward {rew_flops / 1e6:.1f} M per successor; {len(items)} images, {args.steps} steps, "
+                 f"window {args.steps_window}, --select {args.select}, --score {args.score}, seed {args.seed}")
     open(os.path.join(args.out, "table.md"), "w").write("\n".join(lines) + "\n")
     summary = dict(args=vars(args), generator_flops=gen_flops, reward_flops=rew_flops,
                    results={k: {m: v for m, v in r.items() if m != "golden_all"} for k, r in results.items()})

@@ -1,40 +1,21 @@
 """
-Builds the toy world on disk (DESIGN.md section 8) from a seed (float-level noise aside: see within_prompt_pairs):
+Builds the toy world on disk (docs/design.md §8) from a seed (float-level noise aside: see within_prompt_pairs), in
+phases, a function each, that main calls in order: render -> train the VAE -> train the generator -> sample it ->
+preference pairs and labels -> benchmarks -> summary. The world itself lives here too (section "the world"): prompts,
+renderer, corruptions, the golden oracle `toy_golden_score` and the simulated annotators `toy_annotate`.
 
-  renders -> tiny AutoencoderKL -> tiny SD3 generator (rectified flow) -> its samples -> preference
-  pairs (HPDv3 train/test JSON; the training pools hold the generator's own samples, ranked by the
-  annotators) -> benchmarks in the real formats (HPDv2, ImageReward, GenAI-Bench, Pick-a-Pic) and
-  the on-policy benchmark -> prompt lists -> summary.json.
+Launch (its runtime: docs/results.md):
 
-The world itself lives here too (section "the world"): prompts, renderer, corruptions, the golden
-oracle `toy_golden_score` and the simulated annotators `toy_annotate`.
-
-Launch (about 16 minutes on 2 cores of an AMD EPYC: 2 train the VAE, 8 the generator, 6 sample it; faster CPUs take less):
-
-  python toy.py                       # -> out/toy
-  python toy.py --small --out /tmp/w  # a miniature world in seconds (tests)
+  python toy.py                       # -> out/toy, the default sizes (the world of docs/results.md)
+  python toy.py --small --out /tmp/w  # the SMALL preset: a miniature world (tests)
   toy.build("out/toy")                # from another stage: builds the world unless out/toy/summary.json exists
 
-Layout of out/toy (every path inside the JSON files is relative to out/toy, the readers'
-image_root):
-  images/render/*.png        the renders the VAE and the generator were trained on
-  images/train/*.png         candidates of the training pairs; images/test/*.png: test + benchmarks
-  pipeline/                  StableDiffusion3Pipeline (two CLIP encoders, no T5): from_pretrained(
-                             dir, text_encoder_3=None, tokenizer_3=None)
-  samples.png                generator samples with their prompts ('*': a held-out colour-shape combination)
-  train.json, test.json      HPDv3 format; test_oracle.json: the oracle score of each test image
-  bench/hpdv2_test.json, bench/imagereward_test.json, bench/genai_bench.jsonl, bench/pickapic_test.jsonl
-  bench/generated.json       on-policy (HPDv2 ranked groups): K samples per training prompt and held-out
-                             combo from fresh seeds, ranked by the oracle; generated_oracle.json their scores
-  image_latents.safetensors  the generator's own latents of every generator image (key: its PNG's path): the
-                             reward's cache stores them instead of the PNG's encoding (what alignment scores)
-  prompts_train.txt, prompts_heldout.txt   the alignment stages' prompt files, one prompt per line
-  summary.json               counts, timings, VAE error, generator match rates; written last
+The layout of out/toy: docs/design.md §8.
 
-The world is built in `<out>.partial-<pid>` and renamed to `<out>` at the end, so a half-built world
-is never mistaken for a built one. Deviations from SD3's recipe, for speed: the VAE decodes the
-posterior mean in training (a tiny KL, 1e-6, still regularises it), so 500 steps suffice; the latent
-normalisation is one scalar shift/scale for all channels, as SD3 does.
+The world is built in `<out>.partial-<pid>` and renamed to `<out>` at the end, so a half-built world is never
+mistaken for a built one. Deviations from SD3's recipe, for speed: the VAE decodes the posterior mean in training (a
+tiny KL, 1e-6, still regularises it), so 500 steps suffice; the latent normalisation is one scalar shift/scale for all
+channels, as SD3 does.
 """
 
 import argparse
@@ -45,6 +26,7 @@ import os
 import re
 import shutil
 import time
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -129,17 +111,17 @@ def _as_pixels(images):
     return x.astype(np.float32)
 
 
-def _soft_pick(x, palette, sigma):
-    """x (N,K) features, palette (M,K) -> (N,M) softmax of -d^2 / 2 sigma^2."""
-    d2 = ((x[:, None, :] - palette[None]) ** 2).sum(-1) / (2 * sigma ** 2)
+def _soft_pick(features, palette, sigma):
+    """features (N,K), palette (M,K) -> (N,M) softmax of -d^2 / 2 sigma^2."""
+    d2 = ((features[:, None, :] - palette[None]) ** 2).sum(-1) / (2 * sigma ** 2)
     p = np.exp(-(d2 - d2.min(1, keepdims=True)))
     return p / p.sum(1, keepdims=True)
 
 
 def toy_read(images):
-    """Pixels -> bg, fg (N,3) colours; corners (N,2) how full the top and bottom corners of the object's box
-    are (the shape); n_fg (N,) object pixels; resid (N,)
-    mean distance to the nearer of bg, fg (blur, noise); pal (N,) distance to the palettes (contrast, clip)."""
+    """Pixels -> bg, fg (N,3) colours; corners (N,2) how full the top and bottom corners of the object's box are (the
+    shape); n_fg (N,) object pixels; resid (N,) mean distance to the nearer of bg, fg (blur, noise); pal (N,) distance
+    to the palettes (contrast, clip)."""
     x = _as_pixels(images)  # (N,H,W,3)
     n, h, w, _ = x.shape
     # background = median of the border pixels (N,2H+2W,3): robust to an object touching it
@@ -169,11 +151,11 @@ def toy_read(images):
 
 
 def toy_golden_score(images, prompts, parts=False):
-    """Oracle in [0, 1], deterministic: 0.6 * fidelity + 0.4 * quality. fidelity = mean soft
-    probability (softmax over the palette of -distance^2) that the colour, shape and background
-    read off the pixels are the prompted ones; quality = exp(-resid / 15 - pal / 50), 1 when
-    clean. images: PIL list, uint8 (N,H,W,3) or float (N,3,H,W) in [-1, 1] (the VAE range).
-    parts=True: a dict of the weighted terms (colour, shape, background: 0.2 each; quality 0.4) and the score."""
+    """Oracle in [0, 1], deterministic: 0.6 * fidelity + 0.4 * quality. fidelity = mean soft probability (softmax over
+    the palette of -distance^2) that the colour, shape and background read off the pixels are the prompted ones;
+    quality = exp(-resid / 15 - pal / 50), 1 when clean. images: PIL list, uint8 (N,H,W,3) or float (N,3,H,W) in
+    [-1, 1] (the VAE range). parts=True: a dict of the weighted terms (colour, shape, background: 0.2 each; quality
+    0.4) and the score."""
     r, attrs = toy_read(images), [parse_toy_prompt(p) for p in prompts]
     if len(attrs) != len(r["bg"]):
         raise ValueError(f"{len(r['bg'])} images but {len(attrs)} prompts")
@@ -198,12 +180,12 @@ def toy_annotate(score_a, score_b, n_raters, rng, noise=0.1):
     return (a + z[0] > b + z[1]).sum(1)
 
 
-# ----------------------------------------------------------------------------- the build's flags
+# ----------------------------------------------------------------------------- the build's flags (the defaults: docs/results.md's world)
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # output
 parser.add_argument("--out", default="out/toy")
 parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--small", action="store_true", help="miniature world for tests (few steps, few images)")
+parser.add_argument("--small", action="store_true", help="the SMALL preset: the miniature world of the tests")
 # renders (the generator's training set)
 parser.add_argument("--renders-per-prompt", type=int, default=64)
 # VAE: L1 + L2 reconstruction + a small KL
@@ -212,8 +194,8 @@ parser.add_argument("--vae-batch", type=int, default=32)
 parser.add_argument("--vae-lr", type=float, default=2e-3)
 parser.add_argument("--kl-weight", type=float, default=1e-6)
 parser.add_argument("--vae-corrupt", type=float, default=0.5, help="share of corrupted renders added to the VAE's data")
-# generator: rectified flow, logit-normal t (SD3), 10% empty-prompt dropout for CFG, EMA
-parser.add_argument("--gen-steps", type=int, default=1200, help="its samples draw shapes (at 400: blobs; scripts/generator_steps.py)")
+# generator: rectified flow, logit-normal t (SD3), empty-prompt dropout for CFG (--p-uncond), EMA
+parser.add_argument("--gen-steps", type=int, default=1200, help="fewer steps draw blobs, not shapes (measured: docs/log.md)")
 parser.add_argument("--gen-batch", type=int, default=32)
 parser.add_argument("--lr", type=float, default=2e-3)
 parser.add_argument("--warmup", type=int, default=50)
@@ -225,7 +207,7 @@ parser.add_argument("--cfg", type=float, default=4.0)
 parser.add_argument("--gen-per-prompt", type=int, default=3, help="generator samples in each test prompt's pool")
 parser.add_argument("--train-gen-per-prompt", type=int, default=16, help="generator samples per training prompt, 2 per mixed pool")
 parser.add_argument("--onpolicy-per-prompt", type=int, default=80, help="generator samples per training prompt, in on-policy pools of "
-                    "--onpolicy-pool samples, 2 renders and 4 corrupted ones, each ranked whole (HPDv3; README: 16 -> 80)")
+                    "--onpolicy-pool samples, 2 renders and 4 corrupted ones, each ranked whole (HPDv3; measured: docs/results.md)")
 parser.add_argument("--onpolicy-pool", type=int, default=16)
 parser.add_argument("--bench-per-prompt", type=int, default=16, help="K of bench/generated.json: samples from fresh seeds "
                     "per training prompt and per held-out combination, ranked by the oracle")
@@ -233,7 +215,7 @@ parser.add_argument("--reuse-pipeline", default=None, help="a built world's pipe
 parser.add_argument("--train-wrong", type=int, default=1, help="wrong-attribute renders per attribute in each training pool")
 # preference pairs (HPDv3) and benchmarks
 parser.add_argument("--train-pools", type=int, default=8, help="candidate pools per training prompt, each like a test pool; no pair crosses two")
-parser.add_argument("--n-train-pairs", type=int, default=0, help="0: every pair of every pool (46,449; ranked whole)")
+parser.add_argument("--n-train-pairs", type=int, default=0, help="0: every pair of every pool (each pool ranked whole)")
 parser.add_argument("--n-test-pairs", type=int, default=800)
 parser.add_argument("--test-train-prompts", type=int, default=9, help="training prompts added to the test prompts")
 parser.add_argument("--train-raters", type=int, default=5)
@@ -242,8 +224,14 @@ parser.add_argument("--rater-noise", type=float, default=0.1)
 parser.add_argument("--tie-margin", type=float, default=0.05, help="oracle gap below which annotators tie")
 parser.add_argument("--bothbad", type=float, default=0.5, help="GenAI-Bench: both oracle scores below -> bothbad_vote")
 parser.add_argument("--n-bench", type=int, default=300, help="pairs in each pairwise benchmark")
-SMALL = dict(renders_per_prompt=4, train_pools=1, vae_steps=3, vae_batch=8, gen_steps=3, gen_batch=8, warmup=1, sample_steps=2, gen_per_prompt=1,
-             train_gen_per_prompt=1, onpolicy_per_prompt=3, onpolicy_pool=2, bench_per_prompt=2, train_wrong=1, n_train_pairs=200, n_test_pairs=60, test_train_prompts=2, n_bench=20)
+# The SMALL preset (--small), the miniature world of the tests: each size is capped at its value here, so a smaller
+# flag given with --small still wins, and --n-train-pairs 0 (every pair) becomes 200.
+SMALL = dict(renders_per_prompt=4, vae_steps=3, vae_batch=8, gen_steps=3, gen_batch=8, warmup=1, sample_steps=2,
+             gen_per_prompt=1, train_gen_per_prompt=1, onpolicy_per_prompt=3, onpolicy_pool=2, bench_per_prompt=2,
+             train_wrong=1, train_pools=1, n_train_pairs=200, n_test_pairs=60, test_train_prompts=2, n_bench=20)
+# Seed streams besides args.seed's own (numpy: renders, test set, benchmarks; torch: the VAE's and generator's batches)
+BENCH_SEED_OFFSET = 1_000_003  # the on-policy benchmark samples from seeds args.seed + this + k: never a training pool's
+TRAIN_POOL_STREAM = 1  # default_rng([args.seed, this]): the training pools' own stream, so they never redraw the test set
 
 # ----------------------------------------------------------------------------- pure helpers
 
@@ -267,8 +255,8 @@ def is_heldout(prompt):
 
 
 def oracle_read(images):
-    """The prompt the oracle reads off each image: argmax over all toy prompts of toy_golden_score
-    (fidelity is a sum over colour, shape and background, so this reads each attribute)."""
+    """The prompt the oracle reads off each image: argmax over all toy prompts of toy_golden_score (fidelity is a sum
+    over colour, shape and background, so this reads each attribute)."""
     prompts = all_prompts()
     scores = np.stack([toy_golden_score(images, [p] * len(images)) for p in prompts], 1)  # (N, P)
     return [prompts[i] for i in scores.argmax(1)]
@@ -305,26 +293,26 @@ def make_pool(prompt, rng, n_clean=3, n_strengths=2, n_wrong=1, avoid=()):
 
 
 def hpdv3_records(items, pairs, votes, n_raters):
-    """items [(path, source, prompt)], pairs (K,2) index pairs, votes (K,) for the first -> HPDv3
+    """items [Item], pairs (K,2) index pairs, votes (K,) for the first -> HPDv3
     records with path1 = the majority's choice, choice_dist = [votes path1, votes path2]."""
     out = []
     for (i, j), v in zip(pairs, votes):
         v = int(v)
         if 2 * v < n_raters:
             i, j, v = j, i, n_raters - v
-        out.append(dict(prompt=items[i][2], path1=items[i][0], path2=items[j][0], choice_dist=[v, n_raters - v],
-                        confidence=v / n_raters, model1=items[i][1], model2=items[j][1]))
+        out.append(dict(prompt=items[i].prompt, path1=items[i].path, path2=items[j].path, choice_dist=[v, n_raters - v],
+                        confidence=v / n_raters, model1=items[i].source, model2=items[j].source))
     return out
 
 
-def within_prompt_pairs(groups, n, rng, scores=None, margin=0.0):
-    """Sample n distinct pairs (i, j) inside the index groups; drop oracle near-ties if scores (after the shuffle:
+def within_prompt_pairs(groups, n_pairs, rng, scores=None, margin=0.0):
+    """Sample n_pairs distinct pairs (i, j) inside the index groups; drop oracle near-ties if scores (after the shuffle:
     a float-level change of a score, e.g. another library version, changes only pairs near the margin)."""
     pairs = np.array([p for g in groups for p in itertools.combinations(g, 2)])
     pairs = pairs[rng.permutation(len(pairs))]
     if scores is not None:
         pairs = pairs[np.abs(scores[pairs[:, 0]] - scores[pairs[:, 1]]) >= margin]
-    pairs = pairs[:n or None]  # n = 0: all
+    pairs = pairs[:n_pairs or None]  # 0: all
     return np.where(rng.random((len(pairs), 1)) < 0.5, pairs, pairs[:, ::-1])  # random left / right
 
 
@@ -338,20 +326,6 @@ def ties_ranking(scores, margin):
             r, top = k + 1, scores[i]
         rank[i] = r
     return rank.tolist()
-
-
-@torch.no_grad()
-def generate(pipe, prompts, seed, args, batch=64):
-    """The pipeline's own sampling (args.sample_steps, CFG args.cfg), batch k seeded by seed + k -> PIL images and
-    the generator's latents (N,C,h,w) (normalised, what a latent reward reads in alignment; the images are their decode)."""
-    images, latents = [], []
-    for k in tqdm(range(0, len(prompts), batch), desc="sample", leave=False):
-        z = pipe(prompts[k:k + batch], height=32, width=32, num_inference_steps=args.sample_steps, guidance_scale=args.cfg,
-                 max_sequence_length=8, output_type="latent", generator=torch.Generator().manual_seed(seed + k)).images
-        x = pipe.vae.decode(z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
-        images += pipe.image_processor.postprocess(x, output_type="pil")
-        latents.append(z)
-    return images, torch.cat(latents)
 
 
 def sample_grid(images, prompts, scale=3, cols=6):
@@ -371,10 +345,9 @@ def sample_grid(images, prompts, scale=3, cols=6):
 def save_images(folder, images, root):
     """Write PNGs named 00000.png... under root/folder; return the paths relative to root."""
     os.makedirs(os.path.join(root, folder), exist_ok=True)
-    paths = []
-    for k, im in enumerate(images):
-        paths.append(f"{folder}/{k:05d}.png")
-        im.save(os.path.join(root, paths[-1]))
+    paths = [f"{folder}/{k:05d}.png" for k in range(len(images))]
+    for im, path in zip(images, paths):
+        im.save(os.path.join(root, path))
     return paths
 
 
@@ -387,92 +360,84 @@ def write_json(path, obj, lines=False):
             json.dump(obj, f, indent=1)
 
 
-def build(out_dir="out/toy", seed=0, force=False, **overrides):
-    """Build the toy world into out_dir unless it is already built (its summary.json exists).
-    overrides: any parser flag by its dest name, e.g. build(d, small=True, gen_steps=10)."""
-    if os.path.isfile(os.path.join(out_dir, "summary.json")) and not force:
-        return out_dir
-    args = parser.parse_args(["--out", str(out_dir), "--seed", str(seed)])
-    vars(args).update(overrides)
-    main(args)
-    return out_dir
-
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- the build, phase by phase (main calls them in order)
 
 
-def main(args):
+Samples = namedtuple("Samples", "images latents prompts")  # [PIL], (N,C,h,w) normalised (what alignment reads), [str]
+Item = namedtuple("Item", "path source prompt")  # a pool's image: path in the world, source (render, blur, ...), prompt
+Split = namedtuple("Split", "items groups scores")  # a split's pools: [Item], [[item index]] a pool each, (N,) oracle
+
+
+def apply_preset(args):
+    """--small: cap each size of the SMALL preset at its value. Prints the world's sizes, either way."""
     if args.small:
         for k, v in SMALL.items():
             setattr(args, k, min(getattr(args, k) or v, v))  # 0 = all pairs: the small world's 200
-    if args.gen_per_prompt > args.bench_per_prompt:
-        raise ValueError(f"--gen-per-prompt {args.gen_per_prompt} > --bench-per-prompt {args.bench_per_prompt}: the test "
-                         f"pools take their generator samples from the on-policy benchmark's")
-    out = args.out.rstrip("/")
-    tmp = f"{out}.partial-{os.getpid()}"  # per process: two concurrent builds never share a half-built folder
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
-    timings, summary, t_all = {}, {"args": vars(args)}, time.time()
-    prompts = all_prompts()
-    train_prompts = [p for p in prompts if not is_heldout(p)]
-    heldout_prompts = [p for p in prompts if is_heldout(p)]
+    sizes = ", ".join(f"{k} {getattr(args, k)}" for k in SMALL)
+    print(f"world, seed {args.seed}, {'the SMALL preset' if args.small else 'the default sizes'}: {sizes}")
+    if args.reuse_pipeline:
+        print(f"VAE and generator: {args.reuse_pipeline}'s, not retrained (no VAE or generator steps)")
 
-    # ------------------------------------------------------------------ renders
-    t0 = time.time()
+
+def lap(timings, name, t0):
+    """Record and print the seconds since t0 as phase `name`'s -> now, the next phase's t0."""
+    now = time.time()
+    timings[name] = now - t0
+    print(f"{name}: {timings[name]:.1f} s")
+    return now
+
+
+def render_training_set(train_prompts, rng, args, root):
+    """The renders the VAE and the generator learn from -> their prompts, the renders, the VAE's data."""
     render_prompts = [p for p in train_prompts for _ in range(args.renders_per_prompt)]
     renders = [render_toy(*parse_toy_prompt(p), rng) for p in tqdm(render_prompts, desc="render", leave=False)]
-    save_images("images/render", renders, tmp)
+    save_images("images/render", renders, root)
     x_all = to_tensor(renders)  # (N,3,32,32) in [-1,1]
     # the VAE sees corrupted images too (as SD's VAE sees all kinds of photos), so their latents keep the
     # blur / noise / contrast / clipping the reward must read; the generator learns the clean renders only
     bad = [corrupt_toy(im, str(rng.choice(TOY_CORRUPTIONS)), float(rng.uniform(0.1, 1.0)), rng)
            for im in renders[:int(args.vae_corrupt * len(renders))]]
     x_vae = torch.cat([x_all, to_tensor(bad)]) if bad else x_all
-    timings["render"] = time.time() - t0
-    print(f"render: {timings['render']:.1f} s ({len(renders)} images, {len(train_prompts)} training prompts)")
+    print(f"render: {len(renders)} images of {len(train_prompts)} training prompts")
+    return render_prompts, x_all, x_vae
 
-    # ------------------------------------------------------------------ VAE
-    t0 = time.time()
-    if args.reuse_pipeline:  # the VAE and generator of a built world: no training steps below
-        from diffusers import StableDiffusion3Pipeline
-        pipe = StableDiffusion3Pipeline.from_pretrained(args.reuse_pipeline, text_encoder_3=None, tokenizer_3=None)
-    else:
-        pipe = make_tiny_pipeline(args.seed, size="toy", words=TOY_WORDS)
-    pipe.set_progress_bar_config(disable=True)
-    steps = dict(vae=0, gen=0) if args.reuse_pipeline else dict(vae=args.vae_steps, gen=args.gen_steps)
-    vae = pipe.vae.train()
+
+def train_vae(vae, x_vae, args, g):
+    """L1 + L2 reconstruction of the posterior mean (a short run learns much faster than with samples) + a small KL."""
+    vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.warmup, args.vae_steps))
-    pbar = tqdm(range(steps["vae"]), desc="vae", leave=False)
+    pbar = tqdm(range(args.vae_steps), desc="vae", leave=False)
     for step in pbar:
         x = x_vae[torch.randint(len(x_vae), (args.vae_batch,), generator=g)]
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.mode()).sample  # the posterior mean: a short run learns much faster than with samples
+        rec = vae.decode(post.mode()).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + args.kl_weight * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         pbar.set_postfix(loss=f"{loss.item():.4f}")
-    vae.eval().requires_grad_(False)
-    with torch.no_grad():  # latent statistics -> SD3-style normalisation (z - shift) * scale
-        z = torch.cat([vae.encode(xb).latent_dist.mean for xb in x_all.split(256)])  # (N,4,16,16)
-        shift, scale = z.mean().item(), 1.0 / z.std().item()
-        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-        ev = torch.arange(0, len(x_all), max(1, len(x_all) // 512))  # every prompt, ~512 renders
-        rec = torch.cat([vae.decode(zb).sample for zb in z[ev].split(256)]).clamp(-1, 1)
-    latents = (z - shift) * scale  # (N,4,16,16), ~unit variance
-    rec_pil = [Image.fromarray(a) for a in ((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)]
-    summary["vae"] = dict(l1=float((rec - x_all[ev]).abs().mean() / 2), shift_factor=shift, scaling_factor=scale,
-                          recon=match_stats(rec_pil, [render_prompts[i] for i in ev]))
-    timings["vae"] = time.time() - t0
-    print(f"vae: {timings['vae']:.1f} s (L1 {summary['vae']['l1']:.4f} in [0,1] units, "
-          f"recon match {summary['vae']['recon']['match']:.2f}, shift {shift:.3f} scale {scale:.3f})")
 
-    # ------------------------------------------------------------------ generator
-    t0 = time.time()
+
+@torch.no_grad()
+def normalise_latents(vae, x_all, render_prompts):
+    """SD3's latent normalisation (z - shift) * scale from the renders -> their latents (N,4,16,16), the VAE's figures."""
+    vae.eval().requires_grad_(False)
+    z = torch.cat([vae.encode(xb).latent_dist.mean for xb in x_all.split(256)])  # (N,4,16,16)
+    shift, scale = z.mean().item(), 1.0 / z.std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    ev = torch.arange(0, len(x_all), max(1, len(x_all) // 512))  # every prompt, ~512 renders
+    rec = torch.cat([vae.decode(zb).sample for zb in z[ev].split(256)]).clamp(-1, 1)
+    rec_pil = [Image.fromarray(px) for px in ((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)]
+    stats = dict(l1=float((rec - x_all[ev]).abs().mean() / 2), shift_factor=shift, scaling_factor=scale,
+                 recon=match_stats(rec_pil, [render_prompts[i] for i in ev]))
+    print(f"vae: L1 {stats['l1']:.4f}, recon match {stats['recon']['match']:.2f}, shift {shift:.3f} scale {scale:.3f}")
+    return (z - shift) * scale, stats
+
+
+def train_generator(pipe, latents, render_prompts, train_prompts, args, g):
+    """Rectified flow on the renders' latents (SD3's recipe); the EMA of the weights becomes the pipeline's transformer."""
     with torch.no_grad():  # the frozen random CLIP encoders, once per prompt (+ the empty prompt)
         pe, _, pooled, _ = pipe.encode_prompt(train_prompts + [""], None, None, do_classifier_free_guidance=False,
                                               max_sequence_length=8)  # (P+1, 16 + 8, 64), (P+1, 64)
@@ -482,7 +447,7 @@ def main(args):
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, args.warmup, args.gen_steps))
     loss = torch.tensor(float("nan"))
-    pbar = tqdm(range(steps["gen"]), desc="generator", leave=False)
+    pbar = tqdm(range(args.gen_steps), desc="generator", leave=False)
     for step in pbar:
         idx = torch.randint(len(latents), (args.gen_batch,), generator=g)
         x0, c = latents[idx], pid[idx]
@@ -499,150 +464,215 @@ def main(args):
         sched.step()
         with torch.no_grad():
             d = min(args.ema, (1 + step) / (10 + step))
-            for pe_, p in zip(ema.parameters(), net.parameters()):
-                pe_.lerp_(p, 1 - d)
+            for p_ema, p in zip(ema.parameters(), net.parameters()):
+                p_ema.lerp_(p, 1 - d)
         pbar.set_postfix(loss=f"{loss.item():.4f}")
     pipe.transformer = ema.eval()
     pipe.register_modules(transformer=pipe.transformer)
-    timings["generator"] = time.time() - t0
-    print(f"generator: {timings['generator']:.1f} s ({steps['gen']} steps, last loss {loss.item():.4f})")
+    print(f"generator: {args.gen_steps} steps, last loss {loss.item():.4f}")
 
-    # ------------------------------------------------------------------ generator samples (the pipeline itself)
-    t0 = time.time()
-    test_prompts = heldout_prompts + [train_prompts[i] for i in
-                                      sorted(rng.choice(len(train_prompts), args.test_train_prompts, replace=False))]
-    # the training pools' samples; the benchmark's, from seeds never used for them (every training prompt and
-    # held-out combo), also fill the test pools: no test image is a training image
+
+@torch.no_grad()
+def sample_generator(pipe, train_prompts, heldout_prompts, args, root):
+    """The pipeline's own samples for the training pools and, from other seeds, for the on-policy benchmark and the test
+    pools (no test image is a training image); saves pipeline/ and samples.png -> both Samples, the match rates."""
     train_gen = [p for p in train_prompts for _ in range(args.train_gen_per_prompt + args.onpolicy_per_prompt)]
     bench_gen = [p for p in train_prompts + heldout_prompts for _ in range(args.bench_per_prompt)]
-    samples, sample_latents = generate(pipe, train_gen, args.seed, args)
-    bench, bench_latents = generate(pipe, bench_gen, args.seed + 1_000_003, args)
+    samples, batch = [], 64  # the batch k is seeded by seed + k: the batch size is part of the seed stream
+    for prompts, seed in ((train_gen, args.seed), (bench_gen, args.seed + BENCH_SEED_OFFSET)):
+        images, latents = [], []
+        for k in tqdm(range(0, len(prompts), batch), desc="sample", leave=False):
+            z = pipe(prompts[k:k + batch], height=32, width=32, num_inference_steps=args.sample_steps, guidance_scale=args.cfg,
+                     max_sequence_length=8, output_type="latent", generator=torch.Generator().manual_seed(seed + k)).images
+            x = pipe.vae.decode(z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
+            images += pipe.image_processor.postprocess(x, output_type="pil")
+            latents.append(z)
+        samples.append(Samples(images, torch.cat(latents), prompts))
+    train, bench = samples
     n_tr = len(train_prompts) * args.bench_per_prompt
-    summary["generator"] = dict(train_prompts=match_stats(bench[:n_tr], bench_gen[:n_tr]),
-                                heldout_prompts=match_stats(bench[n_tr:], bench_gen[n_tr:]))
-    pipe.save_pretrained(os.path.join(tmp, "pipeline"))
-    show = list(range(0, n_tr, args.bench_per_prompt))[:24] + list(range(n_tr, len(bench), args.bench_per_prompt))[:12]
-    sample_grid([bench[i] for i in show], [bench_gen[i] for i in show]).save(os.path.join(tmp, "samples.png"))
-    timings["sample"] = time.time() - t0
-    gs = summary["generator"]
-    print(f"sample: {timings['sample']:.1f} s ({len(samples)} + {len(bench)} samples; match rate train prompts "
-          f"{gs['train_prompts']['match']:.2f}, held-out {gs['heldout_prompts']['match']:.2f}; oracle "
-          f"{gs['train_prompts']['oracle']:.3f} / {gs['heldout_prompts']['oracle']:.3f})")
+    tr, ho = match_stats(bench.images[:n_tr], bench_gen[:n_tr]), match_stats(bench.images[n_tr:], bench_gen[n_tr:])
+    pipe.save_pretrained(os.path.join(root, "pipeline"))
+    show = list(range(0, n_tr, args.bench_per_prompt))[:24] + list(range(n_tr, len(bench_gen), args.bench_per_prompt))[:12]
+    sample_grid([bench.images[i] for i in show], [bench_gen[i] for i in show]).save(os.path.join(root, "samples.png"))
+    print(f"sample: {len(train_gen)} + {len(bench_gen)} samples; match rate train prompts {tr['match']:.2f}, "
+          f"held-out {ho['match']:.2f}; oracle {tr['oracle']:.3f} / {ho['oracle']:.3f}")
+    return train, bench, dict(train_prompts=tr, heldout_prompts=ho)
 
-    # ------------------------------------------------------------------ preference pairs (HPDv3 format)
-    t0 = time.time()
-    gen = {}  # (split, prompt) -> [(PIL, "generator")]
-    for split, ims, ps in (("train", samples, train_gen), ("test", bench, bench_gen)):
-        for s, p in zip(ims, ps):
-            gen.setdefault((split, p), []).append((s, "generator"))
-    lat_of = {id(im): z for im, z in zip(samples + bench, torch.cat([sample_latents, bench_latents]))}
-    given = {}  # image path -> the generator's own latent of that image
-    splits, rng_train = {}, np.random.default_rng([args.seed, 1])  # its own stream: the training pools' flags never
-    for split, split_prompts in (("train", train_prompts), ("test", test_prompts)):  # redraw the test set or benchmarks
-        items, groups, images = [], [], []
-        n_pools, n_wrong = (args.train_pools, args.train_wrong) if split == "train" else (1, 1)
-        # held-out combos are never shown in training, not even as wrong-attribute renders: a model that saw
-        # them only as rejected images would learn "red triangles are bad" instead of reading the prompt
-        avoid = set(map(tuple, TOY_HELDOUT)) if split == "train" else set()
-        n_mixed = args.train_gen_per_prompt if split == "train" else args.gen_per_prompt
-        for p in tqdm(split_prompts, desc=f"{split} pool", leave=False):
-            mixed = gen[(split, p)][:n_mixed]
-            own = gen[(split, p)][n_mixed:] if split == "train" else []  # a test pool takes n_mixed of the K
-            # a training pool is built as a test pool is; pairs never cross pools (README: better than merged pools)
-            r = rng_train if split == "train" else rng
-            pools = [make_pool(p, r, n_wrong=n_wrong, avoid=avoid) + mixed[k::n_pools] for k in range(n_pools)]
-            for k in range(0, len(own), args.onpolicy_pool):  # on-policy pools: its own samples against each other and real images
-                pools.append(make_pool(p, r, n_clean=2, n_strengths=1, n_wrong=0) + own[k:k + args.onpolicy_pool])
-            for pool in pools:
-                groups.append(list(range(len(items), len(items) + len(pool))))
-                items += [(f"images/{split}/{len(images) + j:05d}.png", src, p) for j, (_, src) in enumerate(pool)]
-                images += [im for im, _ in pool]
-        save_images(f"images/{split}", images, tmp)
-        given.update({it[0]: lat_of[id(im)] for it, im in zip(items, images) if id(im) in lat_of})
-        splits[split] = (items, groups, toy_golden_score(images, [it[2] for it in items]))
-    items, groups, scores = splits["train"]
-    pairs = within_prompt_pairs(groups, args.n_train_pairs, rng_train)  # noisy labels: few raters, near-ties kept
-    votes = toy_annotate(scores[pairs[:, 0]], scores[pairs[:, 1]], args.train_raters, rng_train, args.rater_noise)
-    train = hpdv3_records(items, pairs, votes, args.train_raters)
-    agree = (scores[pairs[:, 0]] > scores[pairs[:, 1]]) == (2 * votes > args.train_raters)  # (K,) label vs oracle
-    onpolicy = np.array([items[i][1] == items[j][1] == "generator" for i, j in pairs])
-    apart = np.abs(scores[pairs[:, 0]] - scores[pairs[:, 1]]) > args.tie_margin
-    share = lambda m: float(agree[m].mean()) if m.any() else None
+
+def candidate_pools(split, prompts, samples, rng, args, root):
+    """Each prompt's candidate pools (make_pool's and generator samples; a training prompt's on-policy pools: its own
+    samples, 2 renders, 4 corrupted ones) saved under images/<split> -> Split, {path: latent} of its generator images."""
+    train = split == "train"
+    n_pools, n_wrong = (args.train_pools, args.train_wrong) if train else (1, 1)
+    # held-out combos are never shown in training, not even as wrong-attribute renders: a model that saw
+    # them only as rejected images would learn "red triangles are bad" instead of reading the prompt
+    avoid = set(map(tuple, TOY_HELDOUT)) if train else set()
+    n_mixed = args.train_gen_per_prompt if train else args.gen_per_prompt
+    own = {}  # prompt -> [(PIL, "generator")], in sampling order
+    for im, p in zip(samples.images, samples.prompts):
+        own.setdefault(p, []).append((im, "generator"))
+    items, groups, images = [], [], []
+    for p in tqdm(prompts, desc=f"{split} pool", leave=False):
+        mixed = own[p][:n_mixed]
+        onpolicy = own[p][n_mixed:] if train else []  # a test pool takes n_mixed of the K
+        # a training pool is built as a test pool is; pairs never cross pools (measured against merged pools: docs/log.md)
+        pools = [make_pool(p, rng, n_wrong=n_wrong, avoid=avoid) + mixed[k::n_pools] for k in range(n_pools)]
+        for k in range(0, len(onpolicy), args.onpolicy_pool):
+            pools.append(make_pool(p, rng, n_clean=2, n_strengths=1, n_wrong=0) + onpolicy[k:k + args.onpolicy_pool])
+        for pool in pools:
+            groups.append(list(range(len(items), len(items) + len(pool))))
+            items += [Item(f"images/{split}/{len(images) + j:05d}.png", src, p) for j, (_, src) in enumerate(pool)]
+            images += [im for im, _ in pool]
+    save_images(f"images/{split}", images, root)
+    latent_of = {id(im): z for im, z in zip(samples.images, samples.latents)}
+    given = {it.path: latent_of[id(im)] for it, im in zip(items, images) if id(im) in latent_of}
+    return Split(items, groups, toy_golden_score(images, [it.prompt for it in items])), given
+
+
+def preference_pairs(train_samples, bench_samples, train_prompts, heldout_prompts, rng, args, root):
+    """Both splits' pools and their labelled pairs: train.json, test.json (HPDv3), test_oracle.json -> the test Split
+    (the benchmarks draw from it), {image path: generator latent} of the pools' images, the summary's figures."""
+    rng_train = np.random.default_rng([args.seed, TRAIN_POOL_STREAM])
+    picked = sorted(rng.choice(len(train_prompts), args.test_train_prompts, replace=False))
+    test_prompts = heldout_prompts + [train_prompts[i] for i in picked]
+    train, given = candidate_pools("train", train_prompts, train_samples, rng_train, args, root)
+    test, given_test = candidate_pools("test", test_prompts, bench_samples, rng, args, root)
+    given.update(given_test)
+    pairs = within_prompt_pairs(train.groups, args.n_train_pairs, rng_train)  # noisy labels: few raters, near-ties kept
+    votes = toy_annotate(train.scores[pairs[:, 0]], train.scores[pairs[:, 1]], args.train_raters, rng_train, args.rater_noise)
+    train_records = hpdv3_records(train.items, pairs, votes, args.train_raters)
+    write_json(os.path.join(root, "train.json"), train_records)
+    agree = (train.scores[pairs[:, 0]] > train.scores[pairs[:, 1]]) == (2 * votes > args.train_raters)  # label vs oracle
+    onpolicy = np.array([train.items[i].source == train.items[j].source == "generator" for i, j in pairs])
+    apart = np.abs(train.scores[pairs[:, 0]] - train.scores[pairs[:, 1]]) > args.tie_margin
+    share = lambda m: float(agree[m].mean()) if m.any() else None  # noqa: E731
     onpolicy_agree = dict(pairs=int(onpolicy.sum()), agree=share(onpolicy), apart=int((onpolicy & apart).sum()),
                           agree_apart=share(onpolicy & apart))
-    write_json(os.path.join(tmp, "train.json"), train)
-    items, groups, scores = splits["test"]
-    pairs = within_prompt_pairs(groups, args.n_test_pairs, rng, scores, args.tie_margin)  # annotator ties dropped
-    votes = toy_annotate(scores[pairs[:, 0]], scores[pairs[:, 1]], args.test_raters, rng, args.rater_noise)
-    test = hpdv3_records(items, pairs, votes, args.test_raters)
-    write_json(os.path.join(tmp, "test.json"), test)
-    oracle = {it[0]: float(s) for it, s in zip(items, scores)}
-    write_json(os.path.join(tmp, "test_oracle.json"), oracle)
-    test_agree = np.mean([oracle[r["path1"]] > oracle[r["path2"]] for r in test])
-    summary["pairs"] = dict(train=len(train), test=len(test), train_images=len(splits["train"][0]),
-                            test_images=len(items), train_labels_agree_with_oracle=float(agree.mean()),
-                            train_generator_pairs=onpolicy_agree,
-                            test_labels_agree_with_oracle=float(test_agree))
-    timings["pairs"] = time.time() - t0
-    print(f"pairs: {timings['pairs']:.1f} s ({len(train)} train pairs, {len(test)} test pairs)")
+    pairs = within_prompt_pairs(test.groups, args.n_test_pairs, rng, test.scores, args.tie_margin)
+    votes = toy_annotate(test.scores[pairs[:, 0]], test.scores[pairs[:, 1]], args.test_raters, rng, args.rater_noise)
+    test_records = hpdv3_records(test.items, pairs, votes, args.test_raters)
+    write_json(os.path.join(root, "test.json"), test_records)
+    oracle = {it.path: float(s) for it, s in zip(test.items, test.scores)}
+    write_json(os.path.join(root, "test_oracle.json"), oracle)
+    test_agree = np.mean([oracle[r["path1"]] > oracle[r["path2"]] for r in test_records])
+    stats = dict(train=len(train_records), test=len(test_records), train_images=len(train.items),
+                 test_images=len(test.items), train_labels_agree_with_oracle=float(agree.mean()),
+                 train_generator_pairs=onpolicy_agree, test_labels_agree_with_oracle=float(test_agree))
+    print(f"pairs: {len(train_records)} train pairs, {len(test_records)} test pairs")
+    return test, given, stats
 
-    summary["timings"] = timings
-    # ------------------------------------------------------------------ benchmarks (held-out images, real formats)
-    t0 = time.time()
+
+def benchmarks(test, bench, rng, args, root):
+    """The benchmarks in their real formats, drawn from the test pools (HPDv2, ImageReward, GenAI-Bench, Pick-a-Pic), and
+    the on-policy one (HPDv2 ranked groups of K fresh samples, ranked by the oracle with near-ties tied, their oracle
+    scores beside) -> bench/*, the summary's counts, the on-policy images' paths."""
+    items, groups, scores = test
     hpdv2, imagereward = [], []
-    for g_ in groups:  # two random groups of up to 6 images per test prompt
-        a, b = (sorted(rng.choice(g_, min(6, len(g_)), replace=False).tolist()) for _ in range(2))
-        ij = np.array(list(itertools.combinations(range(len(a)), 2)))  # HPDv2: rank by majority wins of many raters
-        v = toy_annotate(scores[np.array(a)[ij[:, 0]]], scores[np.array(a)[ij[:, 1]]], args.test_raters, rng,
-                         args.rater_noise)
-        wins = np.bincount(np.where(2 * v > args.test_raters, ij[:, 0], ij[:, 1]), minlength=len(a))
-        order = np.lexsort((-scores[a], -wins))  # most wins first, oracle breaks ties
-        hpdv2.append(dict(prompt=items[a[0]][2], image_path=[items[i][0] for i in a],
+    for group in groups:  # two random groups of up to 6 images per test prompt
+        hp, ir = (sorted(rng.choice(group, min(6, len(group)), replace=False).tolist()) for _ in range(2))
+        ij = np.array(list(itertools.combinations(range(len(hp)), 2)))  # HPDv2: rank by majority wins of many raters
+        v = toy_annotate(scores[hp][ij[:, 0]], scores[hp][ij[:, 1]], args.test_raters, rng, args.rater_noise)
+        wins = np.bincount(np.where(2 * v > args.test_raters, ij[:, 0], ij[:, 1]), minlength=len(hp))
+        order = np.lexsort((-scores[hp], -wins))  # most wins first, oracle breaks ties
+        hpdv2.append(dict(prompt=items[hp[0]].prompt, image_path=[items[i].path for i in hp],
                           rank=(np.argsort(order) + 1).tolist()))
-        imagereward.append(dict(prompt=items[b[0]][2], generations=[items[i][0] for i in b],
-                                ranking=ties_ranking(scores[b], args.tie_margin)))  # 1 = best, near-ties share
+        imagereward.append(dict(prompt=items[ir[0]].prompt, generations=[items[i].path for i in ir],
+                                ranking=ties_ranking(scores[ir], args.tie_margin)))  # 1 = best, near-ties share
     pairs = within_prompt_pairs(groups, args.n_bench, rng)
     votes = toy_annotate(scores[pairs[:, 0]], scores[pairs[:, 1]], args.test_raters, rng, args.rater_noise)
     tie = np.abs(scores[pairs[:, 0]] - scores[pairs[:, 1]]) < args.tie_margin
     bad = np.maximum(scores[pairs[:, 0]], scores[pairs[:, 1]]) < args.bothbad
     vote_type = np.where(tie, "tievote", np.where(bad, "bothbad_vote", np.where(
         2 * votes > args.test_raters, "leftvote", "rightvote")))
-    genai = [dict(prompt=items[i][2], left_image=items[i][0], right_image=items[j][0], vote_type=str(t))
+    genai = [dict(prompt=items[i].prompt, left_image=items[i].path, right_image=items[j].path, vote_type=str(t))
              for (i, j), t in zip(pairs.tolist(), vote_type)]
     pairs = within_prompt_pairs(groups, args.n_bench, rng)
     votes = toy_annotate(scores[pairs[:, 0]], scores[pairs[:, 1]], args.test_raters, rng, args.rater_noise)
     tie = np.abs(scores[pairs[:, 0]] - scores[pairs[:, 1]]) < args.tie_margin
     label0 = np.where(tie, 0.5, (2 * votes > args.test_raters).astype(float))
-    pickapic = [dict(caption=items[i][2], jpg_0=items[i][0], jpg_1=items[j][0], label_0=float(l), label_1=1 - float(l))
+    pickapic = [dict(caption=items[i].prompt, jpg_0=items[i].path, jpg_1=items[j].path, label_0=float(l), label_1=1 - float(l))
                 for (i, j), l in zip(pairs.tolist(), label0)]
-    write_json(os.path.join(tmp, "bench/hpdv2_test.json"), hpdv2)
-    write_json(os.path.join(tmp, "bench/imagereward_test.json"), imagereward)
-    write_json(os.path.join(tmp, "bench/genai_bench.jsonl"), genai, lines=True)
-    write_json(os.path.join(tmp, "bench/pickapic_test.jsonl"), pickapic, lines=True)
-    # the on-policy benchmark (HPDv2 ranked groups): K samples per training prompt and held-out combo, fresh
-    # seeds, ranked by the oracle with near-ties tied, and their oracle scores beside
-    paths, K = save_images("images/generated", bench, tmp), args.bench_per_prompt
-    g_scores = toy_golden_score(bench, bench_gen)
-    generated = [dict(prompt=bench_gen[k], image_path=paths[k:k + K], rank=ties_ranking(g_scores[k:k + K], args.tie_margin))
+    write_json(os.path.join(root, "bench/hpdv2_test.json"), hpdv2)
+    write_json(os.path.join(root, "bench/imagereward_test.json"), imagereward)
+    write_json(os.path.join(root, "bench/genai_bench.jsonl"), genai, lines=True)
+    write_json(os.path.join(root, "bench/pickapic_test.jsonl"), pickapic, lines=True)
+    paths, K = save_images("images/generated", bench.images, root), args.bench_per_prompt
+    g_scores = toy_golden_score(bench.images, bench.prompts)
+    generated = [dict(prompt=bench.prompts[k], image_path=paths[k:k + K], rank=ties_ranking(g_scores[k:k + K], args.tie_margin))
                  for k in range(0, len(paths), K)]
-    write_json(os.path.join(tmp, "bench/generated.json"), generated)
-    write_json(os.path.join(tmp, "bench/generated_oracle.json"), dict(zip(paths, g_scores.tolist())))
-    given.update(zip(paths, bench_latents))
+    write_json(os.path.join(root, "bench/generated.json"), generated)
+    write_json(os.path.join(root, "bench/generated_oracle.json"), dict(zip(paths, g_scores.tolist())))
+    stats = dict(hpdv2_groups=len(hpdv2), imagereward_groups=len(imagereward),
+                 imagereward_tied_groups=sum(len(set(r["ranking"])) < len(r["ranking"]) for r in imagereward),
+                 genai_votes={k: int((vote_type == k).sum()) for k in sorted(set(vote_type.tolist()))},
+                 pickapic=len(pickapic), pickapic_ties=int(tie.sum()), generated_groups=len(generated))
+    print(f"bench: {stats}")
+    return stats, paths
+
+
+def build(out_dir="out/toy", seed=0, force=False, **overrides):
+    """Build the toy world into out_dir unless it is already built (its summary.json exists).
+    overrides: any parser flag by its dest name, e.g. build(d, small=True, gen_steps=10)."""
+    if os.path.isfile(os.path.join(out_dir, "summary.json")) and not force:
+        return out_dir
+    args = parser.parse_args(["--out", str(out_dir), "--seed", str(seed)])
+    vars(args).update(overrides)
+    main(args)
+    return out_dir
+
+# -----------------------------------------------------------------------------
+
+
+def main(args):
+    apply_preset(args)
+    if args.gen_per_prompt > args.bench_per_prompt:
+        raise ValueError(f"--gen-per-prompt {args.gen_per_prompt} > --bench-per-prompt {args.bench_per_prompt}: the test "
+                         f"pools take their generator samples from the on-policy benchmark's")
+    out = args.out.rstrip("/")
+    tmp = f"{out}.partial-{os.getpid()}"  # per process: two concurrent builds never share a half-built folder
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    timings, summary, t_all = {}, {"args": vars(args)}, time.time()
+    train_prompts = [p for p in all_prompts() if not is_heldout(p)]
+    heldout_prompts = [p for p in all_prompts() if is_heldout(p)]
+
+    render_prompts, x_all, x_vae = render_training_set(train_prompts, rng, args, tmp)
+    t0 = lap(timings, "render", t_all)
+    if args.reuse_pipeline:  # a built world's VAE and generator: neither is retrained
+        from diffusers import StableDiffusion3Pipeline
+        pipe = StableDiffusion3Pipeline.from_pretrained(args.reuse_pipeline, text_encoder_3=None, tokenizer_3=None)
+    else:
+        pipe = make_tiny_pipeline(args.seed, size="toy", words=TOY_WORDS)
+        train_vae(pipe.vae, x_vae, args, g)
+    pipe.set_progress_bar_config(disable=True)
+    latents, summary["vae"] = normalise_latents(pipe.vae, x_all, render_prompts)
+    t0 = lap(timings, "vae", t0)
+    if not args.reuse_pipeline:
+        train_generator(pipe, latents, render_prompts, train_prompts, args, g)
+    t0 = lap(timings, "generator", t0)
+    train_samples, bench_samples, summary["generator"] = sample_generator(pipe, train_prompts, heldout_prompts, args, tmp)
+    t0 = lap(timings, "sample", t0)
+    test, given, summary["pairs"] = preference_pairs(train_samples, bench_samples, train_prompts, heldout_prompts, rng,
+                                                     args, tmp)
+    t0 = lap(timings, "pairs", t0)
+    summary["timings"] = timings
+    summary["bench"], generated_paths = benchmarks(test, bench_samples, rng, args, tmp)
+    lap(timings, "bench", t0)
+
+    # the alignment stages' files: the generator's latent of each of its images by path, and the prompt lists
+    given.update(zip(generated_paths, bench_samples.latents))
     save_file({k: v.clone() for k, v in given.items()}, os.path.join(tmp, "image_latents.safetensors"))
-    for name, ps in (("train", train_prompts), ("heldout", heldout_prompts)):  # the alignment stages' prompt files
+    for name, prompts in (("train", train_prompts), ("heldout", heldout_prompts)):
         with open(os.path.join(tmp, f"prompts_{name}.txt"), "w") as f:
-            f.writelines(p + "\n" for p in ps)
-    summary["bench"] = dict(hpdv2_groups=len(hpdv2), imagereward_groups=len(imagereward),
-                            imagereward_tied_groups=sum(len(set(r["ranking"])) < len(r["ranking"]) for r in imagereward),
-                            genai_votes={k: int((vote_type == k).sum()) for k in sorted(set(vote_type.tolist()))},
-                            pickapic=len(pickapic), pickapic_ties=int(tie.sum()), generated_groups=len(generated))
-    timings["bench"] = time.time() - t0
-    print(f"bench: {timings['bench']:.1f} s ({summary['bench']})")
+            f.writelines(p + "\n" for p in prompts)
 
     timings["total"] = time.time() - t_all
     write_json(os.path.join(tmp, "summary.json"), summary)  # last: its presence marks a built world
     shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    os.replace(tmp, out)  # a half-built world is never mistaken for a built one
     print(f"total: {timings['total']:.1f} s -> {out}")
     return summary
 

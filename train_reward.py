@@ -1,7 +1,7 @@
 """
 Train a diffusion-native latent reward model on preference pairs.
 
-Quick start (the toy world is built into out/toy/ on first use; 17 to 25 minutes on 2 CPU cores):
+Quick start (the toy world is built into out/toy/ on first use; its time and accuracy: docs/results.md):
     python train_reward.py
 DiNa-LRM on HPDv3 with SD3.5-M, 8 GPUs (encode the cache once, then train as often as you like):
     torchrun --nproc_per_node=8 train_reward.py --backbone sd35m --head dina \
@@ -12,21 +12,19 @@ DRM (21 blocks, full fine-tune, Bradley-Terry) and DiT-Reward (frozen SD3.5-L + 
     torchrun --nproc_per_node=8 train_reward.py --backbone sd35m --head drm --full-finetune ...
     torchrun --nproc_per_node=8 train_reward.py --backbone sd35l --head ditr --lora-rank 0 ...
 
-The step, in plain sight: a global batch of pairs (never mixing resolution buckets) is split over
-ranks and micro-batches; each pair gets its own noise level t and noise, seeded by (seed, step, pair)
-so that results do not depend on the number of processes (--batching groups: each group of pairs
-that share images, a prompt's pool, is one unit with one t and noise, its images forwarded once and
-all of its labelled pairs trained on: the toy's default); the loss is the head's recipe
-(noise-calibrated Thurstone for dina, Bradley-Terry for drm/ditr); AdamW, EMA, periodic held-out
-accuracy with the EMA weights, atomic checkpoints, exact --resume.
+The flags a command line leaves unset take the values of a named preset (PRESETS: sd35, tiny, toy; chosen by
+--backbone, or --preset), printed at start. A step: a global batch of pairs from one resolution bucket, split over
+ranks and micro-batches; each unit (a pair, or with --batching groups a prompt's pool, its images forwarded once and
+every labelled pair among them trained on) gets its own t and noise, seeded by (seed, step, unit), so results do not
+depend on the number of processes; the head's loss (Thurstone for dina, Bradley-Terry otherwise); AdamW, EMA,
+held-out accuracy with the EMA weights, atomic checkpoints, exact --resume.
 
-Deviations: the DiNa paper's LoRA rank and learning rate for SD3.5-M are not restated here from
-the paper; the defaults below are our choice and are marked so. On the toy world DiNa's noise
-levels are moved to its 16x16 latents with SD3's resolution shift (TOY_WORLD below).
+Deviations: the DiNa paper's LoRA rank and learning rate for SD3.5-M are not restated here from the paper; the
+sd35 preset's are our choice and are marked so. On the toy world DiNa's noise levels are moved to its 16x16 latents
+with SD3's resolution shift (the toy preset).
 """
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -38,28 +36,30 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import align
 import data
-from model import (add_noise, bt_loss, build_reward_model, cast_frozen, check_names, load_checkpoint, load_pipeline,
-                   make_encoders, prompt_noise, sample_t, save_checkpoint, thurstone_loss, trainable_state)
+import toy
+from align import barrier, print0
+from model import (add_noise, bt_loss, build_reward_model, cast_frozen, check_names, load_pipeline, make_encoders,
+                   prompt_noise, sample_t, thurstone_loss, trainable_state)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 # backbone and head
 parser.add_argument("--backbone", default="toy", help="tiny | toy | sd35m | sd35l")
+parser.add_argument("--preset", default=None, help="recipe of the flags left unset: sd35 | tiny | toy (PRESETS)")
 parser.add_argument("--backbone-path", default=None, help="diffusers folder or hub id overriding the preset")
 parser.add_argument("--random-backbone", action="store_true", help="ablation: same architecture, random weights")
 parser.add_argument("--head", default="dina", help="dina | drm | ditr")
 parser.add_argument("--blocks", type=int, default=None, help="blocks kept (default: the preset's, e.g. 12 for dina on sd35m)")
 parser.add_argument("--taps", type=lambda s: tuple(int(x) for x in s.split(",")), default=None, help="e.g. 4,8,12")
 parser.add_argument("--combine", default="softmax", help="ditr layer combination: softmax | concat")
-parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on the attention projections; 0 = frozen (ours)")
-parser.add_argument("--lora-alpha", type=int, default=None, help="LoRA scale alpha / rank; default 2 x rank for dina (the released "
-                    "DiNa-LRM: 128 / 64), rank otherwise")
-parser.add_argument("--full-finetune", action=argparse.BooleanOptionalAction, default=False,
-                    help="train every kept block (DRM's recipe; the toy world's default, --no-full-finetune for LoRA)")
+parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank on the attention projections; 0 = frozen")
+parser.add_argument("--lora-alpha", type=int, default=None, help="default 2 x rank for dina (released DiNa-LRM: 128/64), else rank")
+parser.add_argument("--full-finetune", action=argparse.BooleanOptionalAction, default=None,
+                    help="train every kept block (DRM's recipe; the toy preset's; --no-full-finetune for LoRA)")
 parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the kept blocks")
-parser.add_argument("--compile", action="store_true", help="torch.compile each kept block (GPU: 1.7x on an H100, 20-45 s to compile)")
-parser.add_argument("--frozen-dtype", default="bf16", choices=("bf16", "fp32"), help="storage of the weights that do not "
-                    "train, on CUDA (trainable weights are float32; CPU runs are float32)")
+parser.add_argument("--compile", action="store_true", help="torch.compile each kept block (GPU)")
+parser.add_argument("--frozen-dtype", default="bf16", choices=("bf16", "fp32"), help="CUDA storage of the frozen weights")
 # loss and noise levels
 parser.add_argument("--loss", default=None, choices=("thurstone", "thurstone-fixed", "bt"),
                     help="default: thurstone for dina, bt otherwise")
@@ -69,73 +69,67 @@ parser.add_argument("--soft-labels", action="store_true", help="use the annotato
 parser.add_argument("--t-sampling", default="uniform", help="uniform (DiNa) | logit-normal | fixed")
 parser.add_argument("--t-mu", type=float, default=0.0)
 parser.add_argument("--t-s", type=float, default=1.0)
-parser.add_argument("--t-shift", type=float, default=1.0, help="SD3 resolution shift of the sampled t, s t / (1 + (s-1) t); "
-                    "1 = none (SD3.5 at 1024px); the toy uses 1/8")
-parser.add_argument("--t-eval", type=float, default=0.4, help="noise level of the held-out evaluation (DiNa: 0.4); also t* of fixed")
+parser.add_argument("--t-shift", type=float, default=None, help="SD3 resolution shift of the sampled t: s t / (1 + (s-1) t)")
+parser.add_argument("--t-eval", type=float, default=None, help="noise level of the held-out evaluation; also t* of fixed")
 parser.add_argument("--same-noise", type=int, default=None, help="1: chosen and rejected share noise (DiNa default), 0: independent (DRM)")
 # optimisation
-parser.add_argument("--steps", type=int, default=20000)
-parser.add_argument("--global-batch", type=int, default=64, help="pairs per optimizer step, over all ranks")
-parser.add_argument("--micro-batch", type=int, default=None, help="pairs (groups: 2x images) per forward on one rank (default: global / world)")
-parser.add_argument("--batching", default="pairs", choices=("pairs", "groups"), help="groups: a step forwards 2 x "
-                    "--global-batch images, whole groups of pairs sharing images (a prompt's pool), and trains on every pair "
-                    "among them (ours; the toy's default)")
-parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (ours)")
+parser.add_argument("--steps", type=int, default=None)
+parser.add_argument("--global-batch", type=int, default=None, help="pairs per optimizer step, over all ranks")
+parser.add_argument("--micro-batch", type=int, default=None, help="pairs (groups: 2x images) per forward on one rank")
+parser.add_argument("--batching", default=None, choices=("pairs", "groups"), help="groups: a step forwards 2 x "
+                    "--global-batch images, whole pools of pairs sharing images, and trains on every pair among them")
+parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
 parser.add_argument("--weight-decay", type=float, default=0.01)
-parser.add_argument("--warmup", type=int, default=500)
-parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
-                    help="after the linear warmup (cosine: to 0 at --steps)")
+parser.add_argument("--warmup", type=int, default=None)
+parser.add_argument("--lr-schedule", default=None, choices=("constant", "cosine"), help="after the linear warmup")
 parser.add_argument("--grad-clip", type=float, default=1.0)
 parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the trainable weights (DiNa 0.995), warmed up as min(ema, (1+step)/(10+step)); 0 = off")
 # data
 parser.add_argument("--data", default=None, help="training pairs: HPDv3 JSON, Pick-a-Pic parquet/JSONL, or canonical JSONL")
-parser.add_argument("--eval-data", default=None, help="held-out pairs, any format of DESIGN.md section 7")
+parser.add_argument("--eval-data", default=None, help="held-out pairs, any format of docs/design.md §7")
 parser.add_argument("--image-root", default=None, help="root of the image paths (default: the data file's folder)")
 parser.add_argument("--cache-dir", default=None, help="where latent/text caches go (default: next to the data file)")
-parser.add_argument("--max-text-len", type=int, default=77, help="T5 tokens after the CLIP tokens (77; 16 on tiny/toy) (ours)")
+parser.add_argument("--max-text-len", type=int, default=None, help="T5 tokens after the CLIP tokens")
 parser.add_argument("--resolution", type=int, default=None, help="one square bucket instead of the SD3.5 aspect buckets")
 parser.add_argument("--skip-bad", action="store_true", help="count and skip unreadable images instead of stopping")
 parser.add_argument("--cache-only", action="store_true", help="encode the caches and exit")
 # run
 parser.add_argument("--out", default=None, help="output dir (default: out/reward-<backbone>-<head>)")
-parser.add_argument("--log-interval", type=int, default=50)
-parser.add_argument("--eval-interval", type=int, default=1000)
-parser.add_argument("--ckpt-interval", type=int, default=1000)
+parser.add_argument("--log-interval", type=int, default=None)
+parser.add_argument("--eval-interval", type=int, default=None)
+parser.add_argument("--ckpt-interval", type=int, default=None)
 parser.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.safetensors")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--wandb", default=None, help="wandb project name (only if wandb is installed)")
 
-# what changes when the backbone is the laptop-sized toy or tiny one (only where the user left the flag alone)
-TOY_RECIPE = dict(steps=600, global_batch=32, lr=1e-3, warmup=50, lr_schedule="cosine", lora_rank=8, log_interval=25, eval_interval=100,
-                  ckpt_interval=100, resolution=32, max_text_len=8)
-# and on the toy world only: its data, and the noise levels moved to its 16x16 latents. DiNa's t ~ U(0,1), t_eval 0.4
-# were tuned on SD3.5's 128x128 latents; SD3's resolution shift with s = sqrt(16*16 / (128*128)) = 1/8 maps them to
-# the same signal-to-noise at 16x16: t ~ shift_t(U(0,1), 1/8), t_eval = shift_t(0.4, 1/8) = 0.08 (README: measured
-# against the unshifted recipe, `--t-shift 1 --t-eval 0.4`). A step trains on every pair of the pools it forwards
-# (--batching groups); its 4 kept blocks are fully fine-tuned, 3.2M parameters with the head (README: LoRA learns less);
-# 1,200 steps, because the generator's own samples are learnt late (README: at 600 the pick gains a third of the oracle's).
-TOY_WORLD = dict(data="out/toy/train.json", eval_data="out/toy/test.json", t_shift=0.125, t_eval=0.08, batching="groups",
-                 full_finetune=True, lr=5e-4, steps=1200)
+# -----------------------------------------------------------------------------
+# Recipes: the values of the flags a command line leaves unset (None above), one dict per recipe
 
-
-def parse(argv=None):
-    """parser.parse_args, plus args.explicit: the flags given on the command line, which the toy recipe
-    never replaces (so `--t-shift 1` on the toy means 1, although 1 is also the SD3.5 default)."""
-    args = parser.parse_args(argv)
-    given = copy.deepcopy(parser)
-    for action in given._actions:
-        action.default = argparse.SUPPRESS
-    args.explicit = sorted(vars(given.parse_args(argv)))
-    return args
+# SD3.5-M/L on real preference data at 1024px. DiNa-LRM: t ~ U(0, 1) in training, t_eval 0.4 (the paper's);
+# the learning rate, LoRA rank and schedule are ours (not restated from the paper).
+SD35 = dict(steps=20000, global_batch=64, lr=1e-4, warmup=500, lr_schedule="constant", lora_rank=16, full_finetune=False,
+            batching="pairs", t_shift=1.0, t_eval=0.4, max_text_len=77, resolution=None, log_interval=50,
+            eval_interval=1000, ckpt_interval=1000)
+# The tiny backbone of the tests: laptop sizes, DiNa's noise levels.
+TINY = SD35 | dict(steps=600, global_batch=32, lr=1e-3, warmup=50, lr_schedule="cosine", lora_rank=8, log_interval=25,
+                   eval_interval=100, ckpt_interval=100, resolution=32, max_text_len=8)
+# The toy world (toy.py builds out/toy/). DiNa's t ~ U(0, 1), t_eval 0.4 were tuned on SD3.5's 128x128 latents; SD3's
+# resolution shift with s = sqrt(16*16 / (128*128)) = 1/8 gives the same signal-to-noise at the toy's 16x16:
+# t ~ shift_t(U(0, 1), 1/8), t_eval = shift_t(0.4, 1/8) = 0.08. Groups and the full fine-tune: measured, docs/results.md.
+TOY = TINY | dict(data="out/toy/train.json", eval_data="out/toy/test.json", t_shift=0.125, t_eval=0.08, batching="groups",
+                  full_finetune=True, lr=5e-4, steps=1200)
+PRESETS = dict(sd35=SD35, tiny=TINY, toy=TOY)
 
 
 def resolve_args(args):
+    """The flags left unset take the preset's values (--preset, or the backbone's); then the head's own rules."""
     check_names(args.backbone, args.head)
-    explicit = set(getattr(args, "explicit", ()))  # absent when main() gets plain parser.parse_args()
-    if args.backbone in ("tiny", "toy"):
-        for k, v in (TOY_RECIPE | TOY_WORLD if args.backbone == "toy" else TOY_RECIPE).items():
-            if k not in explicit and getattr(args, k) == parser.get_default(k):
-                setattr(args, k, v)
+    args.preset = args.preset or (args.backbone if args.backbone in ("tiny", "toy") else "sd35")
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown --preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     args.loss = args.loss or ("thurstone" if args.head == "dina" else "bt")
     args.same_noise = bool(args.head == "dina" if args.same_noise is None else args.same_noise)
     args.lora_alpha = args.lora_alpha or (2 * args.lora_rank if args.head == "dina" else args.lora_rank)
@@ -210,8 +204,9 @@ def global_batches(cache, batch, micro, seed, epoch, groups=False):
     return [out[j] for j in torch.randperm(len(out), generator=g).tolist()]
 
 
-def ensure_cache(args, path, rank, world, master):
+def ensure_cache(args, path, procs):
     """Encode images + prompts of a pair file once (each rank a shard); returns the cache folder."""
+    rank, world = procs.rank, procs.world
     folder = os.path.join(args.cache_dir or os.path.dirname(os.path.abspath(path)),
                           f"{os.path.splitext(os.path.basename(path))[0]}.cache-{args.backbone}")
     if not os.path.isfile(os.path.join(folder, "index.json")):
@@ -227,25 +222,25 @@ def ensure_cache(args, path, rank, world, master):
         data.build_cache(pairs, None, folder, enc_img, enc_txt, buckets, rank, world, skip_bad=args.skip_bad, given=given)
         del pipe, enc_img, enc_txt  # the VAE and text encoders are not resident while training
         barrier()
-        if master and world > 1:  # with one rank build_cache already wrote the index
+        if rank == 0 and world > 1:  # with one rank build_cache already wrote the index
             data.finalize_cache(folder, pairs, world)
         barrier()
     return folder
 
 
 @torch.no_grad()
-def evaluate(model, cache, args, rank, world, autocast):
+def evaluate(model, cache, args, procs):
     """Held-out pairwise accuracy at t = t_eval with the EMA weights, by data.pairwise_accuracy (strict >).
     Every unique image is scored once with model.prompt_noise: the noise of a prompt, shared by the two images of
     a pair and the same noise eval_reward.py uses, so its accuracy at the same t and seed is this one. Sharded over ranks."""
     model.eval()
-    dev, scores = next(model.parameters()).device, {}
+    rank, world, dev, scores = procs.rank, procs.world, procs.device, {}
     for shape, items in cache.images().items():
         for i0 in range(rank * 64, len(items), world * 64):
             chunk = items[i0:i0 + 64]
             lat, pe, pooled = (x.to(dev, torch.float32) for x in cache.image_batch(chunk))
             eps = torch.stack([prompt_noise(args.seed, q, 0, shape) for _, q in chunk]).to(dev)
-            with autocast:
+            with procs.autocast:
                 r = model.score(lat, pe, pooled, t=args.t_eval, noise=eps)
             scores.update(zip(chunk, r.float().cpu().tolist()))
     if world > 1:
@@ -258,52 +253,77 @@ def evaluate(model, cache, args, rank, world, autocast):
     return res["acc"], res["pairs"]
 
 
-def print0(*a, **k):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, **k, flush=True)
+class EpochPlan:
+    """The global batches of each epoch, drawn when the steps reach it (epochs of --batching groups differ in length)."""
+
+    def __init__(self, cache, args, micro):
+        self.cache, self.args, self.micro = cache, args, micro
+        self.epoch, self.first_step, self.batches = -1, 0, []
+
+    def batch(self, step):
+        """-> the global batch of `step`: accum x world micro-batches, each a list of units (lists of pair indices)."""
+        while step >= self.first_step + len(self.batches):
+            self.epoch, self.first_step = self.epoch + 1, self.first_step + len(self.batches)
+            self.batches = global_batches(self.cache, self.args.global_batch, self.micro, self.args.seed, self.epoch,
+                                          self.args.batching == "groups")
+            if not self.batches:
+                raise ValueError(f"{self.args.data}: fewer pairs per bucket than one global batch ({self.args.global_batch})")
+        return self.batches[step - self.first_step]
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+def learning_rate(args, step):
+    """Linear warmup over --warmup steps, then constant or cosine to 0 at --steps."""
+    lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+    if args.lr_schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * step / args.steps))
+    return lr
 
 
-def main(args):
-    args = resolve_args(args)
-    # -------------------------------------------------------------------------- distributed, precision
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    master = rank == 0
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    micro = args.micro_batch or args.global_batch // world
-    if args.global_batch % (micro * world):
-        raise ValueError(f"--global-batch {args.global_batch} is not a multiple of micro-batch {micro} x world {world}")
-    accum = args.global_batch // (micro * world)
-    print0(f"world {world}, global batch {args.global_batch} = micro {micro} x accum {accum} x world {world}, device {device}")
-    if args.batching == "groups":
-        print0(f"batching groups: a micro-batch forwards up to {2 * micro} images, whole groups of pairs that share them")
+def forward_backward(train_model, cache, batch, args, step, procs, accum):
+    """The global batch's loss (the mean over its pairs), its gradients accumulated over this rank's micro-batches
+    (rank r takes micro-batches r, r + world, ...) -> (loss, pairs ordered right), summed over ranks."""
+    rank, world, device = procs.rank, procs.world, procs.device
+    n_pairs = sum(len(unit) for micro in batch for unit in micro)
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    for a in range(accum):
+        units = batch[a * world + rank]
+        b = {k: v.to(device, torch.float32) if v.is_floating_point() else v.to(device)
+             for k, v in cache.group_batch(units).items()}
+        t, eps = (x.to(device) for x in unit_noise(args, step, units, b))
+        y = b["label"] if args.soft_labels else torch.ones_like(b["label"])
+        sync = nullcontext() if (not procs.ddp or a == accum - 1) else train_model.no_sync()
+        with sync, procs.autocast:
+            r = train_model(add_noise(b["lat"], t, eps), t, b["prompt_embeds"], b["pooled"]).float()  # (N,) images
+            r_pos, r_neg = r[b["pos"]], r[b["neg"]]  # (K,) pairs
+            loss = pair_loss(args, r_pos, r_neg, t[b["pos"]], y) * len(y) / n_pairs  # this micro-batch's share
+            (loss * world).backward()  # DDP averages over ranks
+        loss_sum += loss.detach()
+        correct += (r_pos > r_neg).float().sum().detach()
+    if procs.ddp:
+        for x in (loss_sum, correct):  # each rank holds its share of the global mean
+            dist.all_reduce(x)
+    if not torch.isfinite(loss_sum):
+        raise FloatingPointError(f"step {step}: loss is {loss_sum.item()} on pairs {batch[0][:8]}...; "
+                                 f"check the data (cache {cache.dir}) or lower --lr")
+    return loss_sum, correct, n_pairs
 
-    # -------------------------------------------------------------------------- data (toy world built on first use)
-    if args.backbone == "toy" and args.data == TOY_WORLD["data"] and not os.path.isfile("out/toy/summary.json"):
-        if master:
-            import toy
-            print0("building the toy world into out/toy/ (first use, 12 to 17 minutes on 2 CPU cores)")
+
+def load_data(args, procs):
+    """The toy world (built on first use), the pair files encoded once into latent caches -> their folders."""
+    if args.backbone == "toy" and args.data == TOY["data"] and not os.path.isfile("out/toy/summary.json"):
+        if procs.rank == 0:
+            print0("building the toy world into out/toy/ (first use)")
             toy.build("out/toy", seed=args.seed)
         barrier()
     if args.data is None:
         raise ValueError("--data is required for this backbone (HPDv3 JSON, Pick-a-Pic, or canonical JSONL)")
-    train_dir = ensure_cache(args, args.data, rank, world, master)
-    eval_dir = ensure_cache(args, args.eval_data, rank, world, master) if args.eval_data else None
-    if args.cache_only:
-        print0("caches written; exiting (--cache-only)")
-        return barrier()
+    train_dir = ensure_cache(args, args.data, procs)
+    eval_dir = ensure_cache(args, args.eval_data, procs) if args.eval_data else None
+    return train_dir, eval_dir
 
-    # -------------------------------------------------------------------------- model, optimizer, EMA
+
+def make_model(args, device):
+    """The reward model of the recipe on `device`; on CUDA the weights that do not train stored in bf16."""
     model = build_reward_model(args.backbone, args.head, args.backbone_path, args.blocks, args.taps, args.lora_rank,
                                args.full_finetune, args.seed, args.combine, random_init=args.random_backbone,
                                lora_alpha=args.lora_alpha).to(device)
@@ -312,6 +332,40 @@ def main(args):
         cast_frozen(model, torch.bfloat16)  # bf16 autocast reads them in bf16 anyway
     if args.compile:
         model.tap.compile_blocks()
+    return model
+
+
+def open_wandb(args):
+    try:
+        import wandb
+    except ImportError:
+        return print0("wandb is not installed; logging to stdout and log.jsonl only")
+    wandb.init(project=args.wandb, config=vars(args))
+    return wandb
+
+
+def main(args):
+    args = resolve_args(args)
+    procs = align.setup_distributed()
+    master = procs.rank == 0
+    align.print_recipe(args.preset, PRESETS[args.preset], args)
+    micro = args.micro_batch or args.global_batch // procs.world
+    if args.global_batch % (micro * procs.world):
+        raise ValueError(f"--global-batch {args.global_batch} is not a multiple of micro-batch {micro} x world {procs.world}")
+    accum = args.global_batch // (micro * procs.world)
+    print0(f"world {procs.world}, global batch {args.global_batch} = micro {micro} x accum {accum} x world {procs.world}, "
+           f"device {procs.device}")
+    if args.batching == "groups":
+        print0(f"batching groups: a micro-batch forwards up to {2 * micro} images, whole groups of pairs that share them")
+
+    # -------------------------------------------------------------------------- data: pairs -> latent caches
+    train_dir, eval_dir = load_data(args, procs)
+    if args.cache_only:
+        print0("caches written; exiting (--cache-only)")
+        return barrier()
+
+    # -------------------------------------------------------------------------- model, optimizer, EMA, resume
+    model = make_model(args, procs.device)
     C = model.tap.config.in_channels  # the cache must hold latents this backbone reads
     train_cache = data.PairCache(train_dir, latent_channels=C)
     eval_cache = data.PairCache(eval_dir, latent_channels=C) if eval_dir else None
@@ -322,115 +376,57 @@ def main(args):
            f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, taps {model.tap.taps}")
     opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     ema = {n: p.detach().clone() for n, p in params.items()}
-    step, ckpt_path = 0, os.path.join(args.out, "ckpt.safetensors")
+    step, ckpt_path, log_path = 0, os.path.join(args.out, "ckpt.safetensors"), os.path.join(args.out, "log.jsonl")
     if args.resume and not os.path.isfile(ckpt_path):
         print0(f"--resume: no checkpoint at {ckpt_path} yet; starting from step 0")
     if args.resume and os.path.isfile(ckpt_path):
-        tensors, meta = load_checkpoint(ckpt_path)
-        step = meta["step"]
-        for n, p in params.items():
-            p.data.copy_(tensors[f"model.{n}"])
-            ema[n].copy_(tensors[f"ema.{n}"])
-            if f"optim.{n}.exp_avg" in tensors:
-                opt.state[p] = {k: tensors[f"optim.{n}.{k}"].to("cpu" if k == "step" else device)
-                                for k in ("step", "exp_avg", "exp_avg_sq")}
+        tensors, meta = align.load_state(ckpt_path, params, ema, opt, procs.device, prefix="model.")
         torch.set_rng_state(tensors["rng.torch"])
+        step = meta["step"]
         print0(f"resumed from {ckpt_path} at step {step}")
-    train_model = DDP(model, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None) if ddp else model
-    log_path = os.path.join(args.out, "log.jsonl")
+    device_ids = [torch.cuda.current_device()] if procs.device.startswith("cuda") else None
+    train_model = DDP(model, device_ids=device_ids) if procs.ddp else model
     if master:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
-        if os.path.isfile(log_path):
-            # a fresh run (step 0) starts a fresh log; a resumed one drops what a killed run wrote after its checkpoint
-            lines = [l for l in open(log_path) if 0 < json.loads(l).get("step", 0) <= step]
-            open(log_path, "w").writelines(lines)
-    wandb = None
-    if args.wandb and master:
-        try:
-            import wandb
-            wandb.init(project=args.wandb, config=vars(args))
-        except ImportError:
-            print0("wandb is not installed; logging to stdout and log.jsonl only")
-
-    def checkpoint(step, metrics):
-        tensors = {f"model.{n}": p for n, p in params.items()} | {f"ema.{n}": e for n, e in ema.items()}
-        for n, p in params.items():
-            for k, v in opt.state.get(p, {}).items():
-                tensors[f"optim.{n}.{k}"] = v
-        tensors["rng.torch"] = torch.get_rng_state()
-        save_checkpoint(ckpt_path, tensors, dict(args=vars(args), step=step, world_size=world, metrics=metrics))
-
-    def swap_ema():  # exchange live and EMA weights (evaluate with EMA, then swap back)
-        for n, p in params.items():
-            tmp = p.detach().clone()
-            p.data.copy_(ema[n])
-            ema[n].copy_(tmp)
+        align.truncate_log(log_path, step, key="step")
+    wandb = open_wandb(args) if master and args.wandb else None
 
     # -------------------------------------------------------------------------- the loop
-    plan = (-1, 0, [])  # (epoch, its first step, its global batches); epochs of --batching groups differ in length
-    acc_eval, t0, metrics = None, (time.time(), step, 0), {}
+    plan, acc_eval, metrics = EpochPlan(train_cache, args, micro), None, {}
+    clock, pairs_seen = time.time(), 0
     bar = tqdm(total=args.steps, initial=step, disable=not master, desc="train", mininterval=5)
     while step < args.steps:
-        while step >= plan[1] + len(plan[2]):  # walk to the epoch holding this step (from 0 after --resume)
-            plan = (plan[0] + 1, plan[1] + len(plan[2]),
-                    global_batches(train_cache, args.global_batch, micro, args.seed, plan[0] + 1, args.batching == "groups"))
-            if not plan[2]:
-                raise ValueError(f"{args.data}: fewer pairs per bucket than one global batch ({args.global_batch})")
-        batch = plan[2][step - plan[1]]  # accum x world micro-batches
-        n_pairs = sum(len(u) for m in batch for u in m)  # in the global batch: the loss is their mean
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warmup, then constant or cosine
-        lr *= 0.5 * (1 + math.cos(math.pi * step / args.steps)) if args.lr_schedule == "cosine" else 1.0
+        batch = plan.batch(step)
+        lr = learning_rate(args, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-        for a in range(accum):
-            units = batch[a * world + rank]  # rank r takes micro-batches r, r + world, ...
-            b = cache_to(train_cache.group_batch(units), device)
-            t, eps = (x.to(device) for x in unit_noise(args, step, units, b))
-            y = b["label"] if args.soft_labels else torch.ones_like(b["label"])
-            sync = nullcontext() if (not ddp or a == accum - 1) else train_model.no_sync()
-            with sync, autocast:
-                r = train_model(add_noise(b["lat"], t, eps), t, b["prompt_embeds"], b["pooled"]).float()  # (N,) images
-                r_pos, r_neg = r[b["pos"]], r[b["neg"]]  # (K,) pairs
-                loss = pair_loss(args, r_pos, r_neg, t[b["pos"]], y) * len(y) / n_pairs  # this micro-batch's share
-                (loss * world).backward()  # DDP averages over ranks
-            loss_sum += loss.detach()
-            correct += (r_pos > r_neg).float().sum().detach()
-        if ddp:
-            for x in (loss_sum, correct):  # each rank holds its share of the global mean
-                dist.all_reduce(x)
-        if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"step {step}: loss is {loss_sum.item()} on pairs {batch[0][:8]}...; "
-                                     f"check the data (cache {train_cache.dir}) or lower --lr")
+        loss, correct, n_pairs = forward_backward(train_model, train_cache, batch, args, step, procs, accum)
         gnorm = torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():  # EMA warmup (as timm's / DiT's): the decay grows to args.ema over the first steps,
-            d = min(args.ema, (1 + step) / (10 + step))  # so early evaluations are not ~the initial weights
+            decay = min(args.ema, (1 + step) / (10 + step))  # so early evaluations are not ~the initial weights
             for n, p in params.items():
-                ema[n].lerp_(p.detach(), 1 - d)
-        step, t0 = step + 1, (*t0[:2], t0[2] + n_pairs)
+                ema[n].lerp_(p.detach(), 1 - decay)
+        step, pairs_seen = step + 1, pairs_seen + n_pairs
         bar.update(1)
-        # ---------------------------------------------------------------------- log, eval, checkpoint
+        # ---------------------------------------------------------------------- log, evaluate (EMA weights), checkpoint
         if step % args.log_interval == 0 or step % args.eval_interval == 0 or step == args.steps:
-            metrics = dict(step=step, loss=loss_sum.item(), acc=correct.item() / n_pairs, lr=lr, gnorm=gnorm.item(),
-                           pairs_per_s=t0[2] / (time.time() - t0[0]))
+            metrics = dict(step=step, loss=loss.item(), acc=correct.item() / n_pairs, lr=lr, gnorm=gnorm.item(),
+                           pairs_per_s=pairs_seen / (time.time() - clock))
             if eval_cache and (step % args.eval_interval == 0 or step == args.steps):
-                swap_ema()
-                acc_eval, n_eval = evaluate(model, eval_cache, args, rank, world, autocast)
-                swap_ema()
+                align.swap_weights(params, ema)
+                acc_eval, n_eval = evaluate(model, eval_cache, args, procs)
+                align.swap_weights(params, ema)
                 metrics.update(eval_acc=acc_eval, eval_pairs=n_eval)
             if master:
-                bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                if wandb:
-                    wandb.log(metrics, step=step)
-            t0 = (time.time(), step, 0)  # training throughput excludes the evaluation
+                write_metrics(bar, log_path, metrics, wandb)
+            clock, pairs_seen = time.time(), 0  # training throughput excludes the evaluation
         if master and (step % args.ckpt_interval == 0 or step == args.steps):
-            checkpoint(step, metrics)
+            meta = dict(args=vars(args), step=step, world_size=procs.world, metrics=metrics)
+            align.save_state(ckpt_path, params, ema, opt, meta, prefix="model.", extra={"rng.torch": torch.get_rng_state()})
     bar.close()
     barrier()
     if acc_eval is not None:
@@ -441,9 +437,14 @@ def main(args):
     barrier()  # a normal exit after a barrier (destroy_process_group can abort under gloo)
 
 
-def cache_to(b, device):
-    return {k: v.to(device, torch.float32) if v.is_floating_point() else v.to(device) for k, v in b.items()}
+def write_metrics(bar, log_path, metrics, wandb=None):
+    """One line to stdout and to log.jsonl (and wandb if asked for)."""
+    bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    with open(log_path, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if wandb:
+        wandb.log(metrics, step=metrics["step"])
 
 
 if __name__ == "__main__":
-    main(parse())
+    main(parser.parse_args())

@@ -63,7 +63,7 @@ print(f"{args.head} on {args.backbone} (random weights), {len(model.tap.blocks)}
 print(f"latents ({cfg.in_channels},{h},{h}) = {(h // cfg.patch_size) ** 2} image tokens, {args.text_len} text tokens; "
       f"frozen weights {args.frozen_dtype if device == 'cuda' else 'fp32'}, grad ckpt {args.grad_ckpt}")
 
-recipe = train_reward.resolve_args(train_reward.parse(["--backbone", args.backbone, "--head", args.head]))
+recipe = train_reward.resolve_args(train_reward.parser.parse_args(["--backbone", args.backbone, "--head", args.head]))
 g = torch.Generator(device).manual_seed(0)
 B, S = args.batch, args.score_batch
 lat_pos, lat_neg = (torch.randn(B, cfg.in_channels, h, h, device=device, generator=g) for _ in range(2))

@@ -35,8 +35,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from eval_reward import Scorer  # noqa: E402
-from model import prompt_noise  # noqa: E402
-from model import load_pipeline  # noqa: E402
+from model import load_pipeline, prompt_noise  # noqa: E402
 from toy import is_heldout, oracle_read, parse_toy_prompt, toy_golden_score  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,7 +116,7 @@ def main(args):
     latents = load_file(os.path.join(args.world, "image_latents.safetensors"))
     sc = Scorer(args.ckpt, t=args.t, seed=args.seed)
     enc_img, enc_txt = sc.encoders()
-    vae = load_pipeline(sc.a["backbone"], sc.a.get("backbone_path"), with_transformer=False).vae
+    vae = load_pipeline(sc.args["backbone"], sc.args.get("backbone_path"), with_transformer=False).vae
     kinds = {"training prompts": [], "held-out combos": []}  # the latent read, with the oracle's reading of each sample
     out, shift, terms = {}, [], []  # shift: ||encode(decode(z)) - z|| / ||z|| per prompt, the generator's latent vs its PNG's
     for read in ("latent", "png", "vae"):

@@ -21,7 +21,7 @@ import data  # noqa: E402
 from toy import TOY_HELDOUT, parse_toy_prompt, toy_golden_score  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("scores", help="scores.jsonl of eval_reward.py (its hpdv3 rows) or of scripts/probe_latents.py")
+parser.add_argument("scores", help="scores.jsonl of eval_reward.py (its hpdv3 rows) or of dev/probe_latents.py")
 parser.add_argument("--world", default="out/toy")
 parser.add_argument("--t", type=float, default=None, help="which noise level's rows (default: the first one)")
 parser.add_argument("--split", default="test", choices=("test", "train"), help="train: the training pairs (scores of eval_reward.py "

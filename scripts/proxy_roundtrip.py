@@ -15,7 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toy  # noqa: E402
-from align import decode_latents, embeds, encode_prompt_table, load_rewards, read_prompts, score_rewards  # noqa: E402
+from align import (EVAL_SEED, PROXY_NOISE, decode_latents, embeds, encode_prompt_table, load_rewards,  # noqa: E402
+                   read_prompts, score_rewards)
 from model import load_pipeline, make_encoders, sample, sd3_sigmas, seeded  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -24,6 +25,7 @@ parser.add_argument("--reward", default="out/reward-toy-dina")
 parser.add_argument("--prompts", default="out/toy/prompts_train.txt")
 parser.add_argument("--seeds", type=int, default=4)
 parser.add_argument("--steps", type=int, default=10)
+STAGE_SEED = 0  # the alignment stages' default --seed: their proxy re-noises image j with seeded(0, PROXY_NOISE, j)
 
 
 @torch.no_grad()
@@ -36,8 +38,8 @@ def main(args):
     items = [(p, i, k) for k in range(args.seeds) for i, p in enumerate(prompts)]
     names = [p for p, _, _ in items]
     h = pipe.transformer.config.sample_size
-    noise = torch.stack([torch.randn(4, h, h, generator=seeded(4242, k, i)) for _, i, k in items])
-    keys = [(0, 10 ** 9, j) for j in range(len(items))]
+    noise = torch.stack([torch.randn(4, h, h, generator=seeded(EVAL_SEED, k, i)) for _, i, k in items])
+    keys = [(STAGE_SEED, PROXY_NOISE, j) for j in range(len(items))]
     rows = {}
     for tag in ("base", "aligned"):
         if tag == "aligned":

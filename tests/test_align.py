@@ -1,4 +1,4 @@
-"""The sampler every alignment stage shares (against DESIGN.md section 6's formulas and diffusers' own pipeline), and
+"""The sampler every alignment stage shares (against docs/design.md §6's formulas and diffusers' own pipeline), and
 grpo.py / refl.py on the tiny backbone: the first importance ratio, the KL at initialisation, the LoRA export loaded by
 diffusers, no decode or text encoding in the loop, exact resume, 1 vs 2 processes, and bad input."""
 import json
@@ -28,7 +28,7 @@ PROMPTS = [toy_prompt(c, s, "white") for c, s in (("red", "circle"), ("blue", "s
 # ----------------------------------------------------------------------------- the sampler
 
 def test_sde_step_reference_values():
-    """DESIGN.md 6: noise std std*sqrt(-dt) of steps 0-3 (10 steps, shift 3, a 0.7) and the log-prob's closed form."""
+    """docs/design.md §6: noise std std*sqrt(-dt) of steps 0-3 (10 steps, shift 3, a 0.7) and the log-prob's closed form."""
     s = sd3_sigmas(10)
     x, v, z = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     for i, want in enumerate((0.700000, 0.742964, 0.536152, 0.445897)):

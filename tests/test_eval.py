@@ -1,7 +1,7 @@
 """eval_reward.py with the tiny backbone (CPU): a checkpoint saved without training, toy images on disk and
 one benchmark file in each real format (ranked groups and rankings with ties, votes with tie / both-bad,
 Pick-a-Pic ties). The accuracy is recomputed independently from the per-pair JSONL, the pair counts are
-checked by hand, and the bad-input cases of DESIGN.md 12 leave no results behind."""
+checked by hand, and the bad-input cases of docs/design.md §12 leave no results behind."""
 import io
 import json
 import subprocess

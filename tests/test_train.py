@@ -1,6 +1,6 @@
 """train_reward.py on the real-data path: HPDv3-format JSON + images on disk, cached with the `tiny`
 backbone and trained exactly as a user would with HPDv3. World-size invariance, exact resume, and
-the bad-input cases of DESIGN.md section 12."""
+the bad-input cases of docs/design.md §12."""
 import itertools
 import json
 import math
@@ -76,7 +76,7 @@ def hpdv3(tmp_path_factory):
 
 
 def run(args_list):
-    return train_reward.main(train_reward.parse(args_list))
+    return train_reward.main(train_reward.parser.parse_args(args_list))
 
 
 def common(d, out, *extra):
@@ -126,19 +126,19 @@ def test_learns_easy_pairs(hpdv3, tmp_path):
 def test_toy_recipe_fills_only_flags_not_given():
     """On tiny/toy the laptop recipe replaces flags left at their SD3.5 defaults, never flags given on the
     command line, even when given at the default's value (`--t-shift 1 --t-eval 0.4` on the toy)."""
-    a = train_reward.resolve_args(train_reward.parse(["--backbone", "toy"]))
+    a = train_reward.resolve_args(train_reward.parser.parse_args(["--backbone", "toy"]))
     assert (a.t_shift, a.t_eval, a.steps, a.lr_schedule, a.data) == (0.125, 0.08, 1200, "cosine", "out/toy/train.json")
     assert (a.batching, a.full_finetune, a.lr) == ("groups", True, 5e-4)
-    a = train_reward.resolve_args(train_reward.parse(["--backbone", "toy", "--no-full-finetune", "--batching", "pairs"]))
+    a = train_reward.resolve_args(train_reward.parser.parse_args(["--backbone", "toy", "--no-full-finetune", "--batching", "pairs"]))
     assert (a.batching, a.full_finetune, a.lora_rank) == ("pairs", False, 8)
-    a = train_reward.resolve_args(train_reward.parse(["--backbone", "toy", "--t-shift", "1", "--t-eval", "0.4", "--steps", "20000"]))
+    a = train_reward.resolve_args(train_reward.parser.parse_args(["--backbone", "toy", "--t-shift", "1", "--t-eval", "0.4", "--steps", "20000"]))
     assert (a.t_shift, a.t_eval, a.steps, a.lr_schedule) == (1.0, 0.4, 20000, "cosine")
-    a = train_reward.resolve_args(train_reward.parse(["--backbone", "sd35m"]))
+    a = train_reward.resolve_args(train_reward.parser.parse_args(["--backbone", "sd35m"]))
     assert (a.t_shift, a.t_eval, a.steps, a.lr_schedule, a.lora_rank) == (1.0, 0.4, 20000, "constant", 16)
     assert a.lora_alpha == 32  # dina: LoRA scale 2, as the released DiNa-LRM's 128 / 64; other heads: scale 1
-    assert train_reward.resolve_args(train_reward.parse(["--backbone", "sd35m", "--head", "drm"])).lora_alpha == 16
-    assert train_reward.resolve_args(train_reward.parse(["--backbone", "sd35m", "--lora-alpha", "5"])).lora_alpha == 5
-    a = train_reward.resolve_args(train_reward.parse(["--backbone", "tiny"]))  # tests' backbone: DiNa's noise levels
+    assert train_reward.resolve_args(train_reward.parser.parse_args(["--backbone", "sd35m", "--head", "drm"])).lora_alpha == 16
+    assert train_reward.resolve_args(train_reward.parser.parse_args(["--backbone", "sd35m", "--lora-alpha", "5"])).lora_alpha == 5
+    a = train_reward.resolve_args(train_reward.parser.parse_args(["--backbone", "tiny"]))  # tests' backbone: DiNa's noise levels
     assert (a.t_shift, a.t_eval, a.steps, a.batching, a.full_finetune) == (1.0, 0.4, 600, "pairs", False)
 
 
@@ -256,7 +256,7 @@ def test_group_loss_is_the_mean_pair_loss(pools, tmp_path):
     run(["--backbone", "tiny", "--data", str(pools / "train.json"), "--out", str(tmp_path / "o"), "--cache-only",
          "--cache-dir", str(tmp_path)])
     cache = data.PairCache(str(tmp_path / "train.cache-tiny"))
-    args = train_reward.resolve_args(train_reward.parse(["--backbone", "tiny", "--data", "x.json"]))
+    args = train_reward.resolve_args(train_reward.parser.parse_args(["--backbone", "tiny", "--data", "x.json"]))
     model = build_reward_model("tiny", "dina", lora_rank=2, seed=0)
     units = cache.components()[:2]
     b = cache.group_batch(units)

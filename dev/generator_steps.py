@@ -1,13 +1,14 @@
 """
-How long must the toy generator train before it draws shapes? Trains a fresh toy generator (toy.py's recipe:
-rectified flow, logit-normal t, 10% empty prompts, EMA 0.99) on a built world's renders, encoded by its VAE, and
-at the steps of --evals samples 4 images per training prompt and 8 per held-out combination (10 steps, CFG 4)
-and prints the oracle's colour / shape match rates, its mean score and the quality term.
+How long must the toy generator train before it draws shapes? A study of a past world (docs/log.md). Trains a fresh
+toy generator (toy.train_generator's recipe: rectified flow, logit-normal t, empty prompts at toy.py's --p-uncond, EMA
+0.99) on a built world's renders, encoded by its VAE, and at the steps of --evals samples 4 images per training prompt
+and 8 per held-out combination (10 steps, CFG 4) and prints the oracle's colour / shape match rates, its mean score
+and the quality term.
 
-  python scripts/generator_steps.py                                  # lr 2e-3, cosine to 1,200 steps (toy.py's default)
-  python scripts/generator_steps.py --lr 1e-3 --constant --steps 1600 --evals 400,800,1200,1600
+  python dev/generator_steps.py                                  # lr 2e-3, cosine to 1,200 steps (toy.py's default)
+  python dev/generator_steps.py --lr 1e-3 --constant --steps 1600 --evals 400,800,1200,1600
 
-About 6 minutes for 1,200 steps on 2 CPU cores. The samples of the last evaluation go to --grid.
+Its runtime: docs/log.md. The samples of the last evaluation go to --grid.
 """
 import argparse
 import copy
@@ -18,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ -> the repository root
 import data  # noqa: E402
 from model import load_pipeline, make_tiny_pipeline  # noqa: E402
 from toy import all_prompts, is_heldout, match_stats, sample_grid, to_tensor, toy_golden_score, warmup_cosine  # noqa: E402
@@ -33,6 +34,8 @@ parser.add_argument("--constant", action="store_true", help="constant lr after t
 parser.add_argument("--evals", default="400,800,1200", help="steps at which to sample and score")
 parser.add_argument("--grid", default="out/generator_steps.png")
 parser.add_argument("--seed", type=int, default=0)
+SAMPLE_SEED = 99  # the evaluation samples' stream: batch k seeded by SAMPLE_SEED + k, the same at every --evals step
+P_UNCOND = 0.1  # toy.py's --p-uncond: the empty prompt, for CFG
 
 
 @torch.no_grad()
@@ -42,7 +45,7 @@ def evaluate(pipe, train_prompts, heldout_prompts):
     vae, images = pipe.vae, []
     for k in range(0, len(prompts), 64):
         z = pipe(prompts[k:k + 64], height=32, width=32, num_inference_steps=10, guidance_scale=4.0, max_sequence_length=8,
-                 output_type="latent", generator=torch.Generator().manual_seed(99 + k)).images
+                 output_type="latent", generator=torch.Generator().manual_seed(SAMPLE_SEED + k)).images
         x = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample
         images += pipe.image_processor.postprocess(x, output_type="pil")
     n = 4 * len(train_prompts)
@@ -78,11 +81,11 @@ def main(args):
     g = torch.Generator().manual_seed(args.seed)
     evals = {int(e) for e in args.evals.split(",")} | {args.steps}  # the last step always: its samples make the grid
     t0 = time.time()
-    # toy.py main()'s generator step, line for line (not shared: toy.py is at its 650-line budget; keep the two equal)
+    # toy.train_generator's step, line for line (not shared: this one evaluates along the way; keep the two equal)
     for step in range(1, args.steps + 1):
         idx = torch.randint(len(latents), (args.batch,), generator=g)
         x0, c = latents[idx], pid[idx]
-        c = torch.where(torch.rand(len(c), generator=g) < 0.1, len(train_prompts), c)  # the empty prompt, for CFG
+        c = torch.where(torch.rand(len(c), generator=g) < P_UNCOND, len(train_prompts), c)
         t = torch.sigmoid(torch.randn(len(c), generator=g))
         eps = torch.randn(x0.shape, generator=g)
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps

@@ -5,8 +5,8 @@ equals its noise. If g_b = g + noise_b with E|noise_b|^2 = s^2 / n for batches o
 E cos(g_1, g_2) ~ |g|^2 / (|g|^2 + s^2 / n), so n* = n (1 / cos - 1) images give signal = noise. It also prints each
 trained step's share of the gradient's norm (late steps have a small SDE std, so 1/std weighs them up).
 
-    python scripts/grpo_snr.py                                  # the oracle and the latent reward, three schedules
-    python scripts/grpo_snr.py --reward oracle --batches 8
+    python dev/grpo_snr.py                                      # the oracle and the latent reward, three schedules
+    python dev/grpo_snr.py --reward oracle --batches 8
 
 The gradient is grpo.py's (grpo_loss at ratio 1, group advantages, CFG 4.5, SDE noise 0.7) at the LoRA's
 initialisation (B = 0: only the B matrices get a gradient), on the toy world after the quick start.
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ -> the repository root
 import align  # noqa: E402
 import grpo  # noqa: E402
 import toy  # noqa: E402
@@ -34,6 +34,7 @@ parser.add_argument("--batches", type=int, default=6, help="independent batches;
 parser.add_argument("--cfg", type=float, default=4.5)
 parser.add_argument("--noise-level", type=float, default=0.7)
 parser.add_argument("--seed", type=int, default=5)
+REWARD_NOISE = 7  # the rewards' re-noising stream of batch b: seeded(seed, b, image, REWARD_NOISE)
 # name: (stochastic steps, trained steps) of the 10-step schedule
 SCHEDULES = {"flow-grpo (SDE 0-9, train 0-8)": (list(range(10)), list(range(9))),
              "window 0-2 (ODE elsewhere)": ([0, 1, 2], [0, 1, 2]),
@@ -51,7 +52,7 @@ def batch_gradient(tr, vae, params, table, neg, sigmas, reward, prompts, b, args
     pe, pooled = align.embeds(table, ps)
     with torch.no_grad():
         out = sample(tr, z, sigmas, pe, pooled, args.cfg, neg, args.noise_level, sde, gens)
-        r = align.score_rewards(reward, out["latents"], ps, table, [(args.seed, b, i, 7) for i in range(n)],
+        r = align.score_rewards(reward, out["latents"], ps, table, [(args.seed, b, i, REWARD_NOISE) for i in range(n)],
                                 lambda lat: align.decode_latents(vae, lat))
     groups = torch.arange(n) // args.group_size
     adv = grpo.advantages(r, groups, [1.0])

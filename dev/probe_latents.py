@@ -3,8 +3,8 @@ How learnable is the toy world from its VAE latents alone? A small CNN (3 convs,
 prompt embedding, ~0.1M parameters, trained from scratch with Bradley-Terry on the cached training
 pairs) is a yardstick for the reward models: no diffusion backbone, no noise, just clean latents.
 
-  python scripts/probe_latents.py                    # the toy caches that train_reward.py wrote
-  python scripts/probe_latents.py --steps 3000 --out probe_scores.jsonl
+  python dev/probe_latents.py                        # the toy caches that train_reward.py wrote
+  python dev/probe_latents.py --steps 3000 --out probe_scores.jsonl
 
 Prints held-out accuracy every 500 steps; --out writes per-pair scores in eval_reward's scores.jsonl
 format (for scripts/pair_types.py).
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ -> the repository root
 import data  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,10 +33,11 @@ parser.add_argument("--out", default=None)
 
 
 class Probe(nn.Module):
-    def __init__(self, c, d, w):
+    def __init__(self, channels, cond_dim, width):
         super().__init__()
-        self.c1, self.c2, self.c3 = nn.Conv2d(c, w, 3, padding=1), nn.Conv2d(w, w, 3, 2, 1), nn.Conv2d(w, w, 3, 2, 1)
-        self.film = nn.Linear(d, 2 * w)
+        w = width
+        self.c1, self.c2, self.c3 = nn.Conv2d(channels, w, 3, padding=1), nn.Conv2d(w, w, 3, 2, 1), nn.Conv2d(w, w, 3, 2, 1)
+        self.film = nn.Linear(cond_dim, 2 * w)
         self.out = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, 1))
 
     def forward(self, x, pooled):  # (B,C,H,W), (B,D) -> (B,)

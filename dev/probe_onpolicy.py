@@ -1,12 +1,12 @@
 """
 How learnable is the ordering of the generator's own samples from their latents? A yardstick for the reward's
-on-policy figures (scripts/best_of_k.py): the small CNN of probe_latents.py, told the prompt's colour, shape and
+on-policy figures (scripts/best_of_k.py): the small CNN of dev/probe_latents.py, told the prompt's colour, shape and
 background exactly (one-hot FiLM, no text encoder), trained from scratch on the oracle's exact scores (MSE, plus
 Bradley-Terry on the pairs of one prompt) of the training pools' generator samples, their own latents, no noise.
 Then scored like the reward on bench/generated.json: 16 fresh-seed samples per training prompt and held-out combo.
 
-  python scripts/probe_onpolicy.py                     # every training sample of out/toy (96 per prompt)
-  python scripts/probe_onpolicy.py --per-prompt 32     # the first 32 per prompt (the on-policy pool of before)
+  python dev/probe_onpolicy.py                         # every training sample of out/toy
+  python dev/probe_onpolicy.py --per-prompt 32         # the first 32 per prompt (the on-policy pool of before)
 
 Labels here are exact and the prompt is given, so this is the most a latent reader learns from that many samples.
 """
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ -> the repository root
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))  # best_of_k
 import toy  # noqa: E402
 from best_of_k import summarise  # noqa: E402
 from probe_latents import Probe  # noqa: E402

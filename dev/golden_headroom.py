@@ -3,7 +3,7 @@ Where the golden score has headroom: the oracle's weighted terms (colour, shape,
 clean renders, of their VAE round trips (the best a latent can decode to) and of the generator's samples (the
 alignment stages' evaluation noise of the first seed, 10 ODE steps, CFG 4.5), on the training prompts.
 
-    python scripts/golden_headroom.py                 # toy world after the quick start; about 20 s
+    python dev/golden_headroom.py                     # toy world after the quick start
 """
 import argparse
 import json
@@ -13,9 +13,9 @@ import sys
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ -> the repository root
 import toy  # noqa: E402
-from align import decode_latents, embeds, encode_prompt_table, read_prompts  # noqa: E402
+from align import EVAL_SEED, decode_latents, embeds, encode_prompt_table, read_prompts  # noqa: E402
 from model import load_pipeline, sample, sd3_sigmas, seeded  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -48,7 +48,7 @@ def main(args):
     table = encode_prompt_table(pipe, prompts, text_len)
     pe, pooled = embeds(table, names)
     h = pipe.transformer.config.sample_size
-    noise = torch.stack([torch.randn(4, h, h, generator=seeded(4242, 0, i)) for i in range(len(names))])
+    noise = torch.stack([torch.randn(4, h, h, generator=seeded(EVAL_SEED, 0, i)) for i in range(len(names))])
     lat = sample(pipe.transformer, noise, sd3_sigmas(10), pe, pooled, 4.5, embeds(table, [""]))["latents"]
     show("generator samples", decode_latents(vae, lat), names)
 
