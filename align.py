@@ -147,27 +147,6 @@ def save_policy_lora(folder, transformer):
     os.rmdir(tmp)
 
 
-def save_policy_state(path, params, ema, opt, meta):
-    """An alignment stage's checkpoint: the LoRA weights, their EMA and AdamW's state (safetensors) + meta (JSON header)."""
-    tensors = {f"lora.{n}": p for n, p in params.items()} | {f"ema.{n}": e for n, e in ema.items()}
-    for n, p in params.items():
-        for k, v in opt.state.get(p, {}).items():
-            tensors[f"optim.{n}.{k}"] = v
-    save_checkpoint(path, tensors, meta)
-
-
-def load_policy_state(path, params, ema, opt, device="cpu"):
-    """The inverse of save_policy_state, in place -> meta."""
-    tensors, meta = load_checkpoint(path)
-    for n, p in params.items():
-        p.data.copy_(tensors[f"lora.{n}"])
-        ema[n].copy_(tensors[f"ema.{n}"])
-        if f"optim.{n}.exp_avg" in tensors:
-            opt.state[p] = {k: tensors[f"optim.{n}.{k}"].to("cpu" if k == "step" else device)
-                            for k in ("step", "exp_avg", "exp_avg_sq")}
-    return meta
-
-
 def optimizer_step(params, opt, ema, ema_decay=0.9, grad_clip=1.0, ddp=False, where="step"):
     """One policy update after the backward passes: the LoRA gradients all-reduced (summed: each rank's loss is already
     divided by the global count) by hand, in one flat tensor (they are small; DDP would need one forward per backward),
@@ -197,7 +176,7 @@ def start_run(out, resume, params, ema, opt, rank=0, device="cpu"):
     it, history = 0, []
     ckpt_path, log_path = os.path.join(out, "ckpt.safetensors"), os.path.join(out, "log.jsonl")
     if resume and os.path.isfile(ckpt_path):
-        meta = load_policy_state(ckpt_path, params, ema, opt, device)
+        _, meta = load_state(ckpt_path, params, ema, opt, device)
         it, history = meta["iteration"], meta["history"]
         if rank == 0:
             print(f"resumed from {ckpt_path} at iteration {it}", flush=True)

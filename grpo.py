@@ -430,7 +430,7 @@ def main(args):
                 f.write(json.dumps(rec) + "\n")
             if it % args.ckpt_interval == 0 or it == args.iters:
                 meta = dict(args=vars(args), iteration=it, history=history, world_size=world)
-                align.save_policy_state(ckpt_path, run.params, run.ema, run.opt, meta)
+                align.save_state(ckpt_path, run.params, run.ema, run.opt, meta)
         bar.update(1)
     bar.close()
 

@@ -363,7 +363,7 @@ def main(args):
                 f.write(json.dumps(rec) + "\n")
             if it % args.ckpt_interval == 0 or it == args.iters:
                 meta = dict(args=vars(args), iteration=it, history=history)
-                align.save_policy_state(ckpt_path, run.params, run.ema, run.opt, meta)
+                align.save_state(ckpt_path, run.params, run.ema, run.opt, meta)
         bar.update(1)
         if args.early_stop and stale >= args.early_stop:
             align.print0(f"early stop at step {it}: the held-out proxy has not risen for {stale} evaluations; "

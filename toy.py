@@ -1,21 +1,14 @@
 """
-Builds the toy world on disk (docs/design.md §8) from a seed (float-level noise aside: see within_prompt_pairs), in
-phases, a function each, that main calls in order: render -> train the VAE -> train the generator -> sample it ->
-preference pairs and labels -> benchmarks -> summary. The world itself lives here too (section "the world"): prompts,
-renderer, corruptions, the golden oracle `toy_golden_score` and the simulated annotators `toy_annotate`.
-
-Launch (its runtime: docs/results.md):
+The toy world (docs/design.md §8, with the layout of out/toy): prompts, renderer, corruptions, the golden oracle
+`toy_golden_score` and the simulated annotators `toy_annotate`; and its build from a seed, in phases main calls in order:
+render -> train the VAE -> train the generator -> sample it -> preference pairs and labels -> benchmarks -> summary.
 
   python toy.py                       # -> out/toy, the default sizes (the world of docs/results.md)
   python toy.py --small --out /tmp/w  # the SMALL preset: a miniature world (tests)
   toy.build("out/toy")                # from another stage: builds the world unless out/toy/summary.json exists
 
-The layout of out/toy: docs/design.md §8.
-
-The world is built in `<out>.partial-<pid>` and renamed to `<out>` at the end, so a half-built world is never
-mistaken for a built one. Deviations from SD3's recipe, for speed: the VAE decodes the posterior mean in training (a
-tiny KL, 1e-6, still regularises it), so 500 steps suffice; the latent normalisation is one scalar shift/scale for all
-channels, as SD3 does.
+Deviations from SD3's recipe, for speed: the VAE decodes the posterior mean in training (a tiny KL, 1e-6, still
+regularises it); the latent normalisation is one scalar shift/scale for all channels, as SD3 does.
 """
 
 import argparse
@@ -562,6 +555,13 @@ def preference_pairs(train_samples, bench_samples, train_prompts, heldout_prompt
     return test, given, stats
 
 
+def bench_pairs(groups, scores, rng, args):
+    """--n-bench pairs inside the test pools -> pairs (K,2), votes for the first of many raters (K,), oracle ties (K,)."""
+    pairs = within_prompt_pairs(groups, args.n_bench, rng)
+    votes = toy_annotate(scores[pairs[:, 0]], scores[pairs[:, 1]], args.test_raters, rng, args.rater_noise)
+    return pairs, votes, np.abs(scores[pairs[:, 0]] - scores[pairs[:, 1]]) < args.tie_margin
+
+
 def benchmarks(test, bench, rng, args, root):
     """The benchmarks in their real formats, drawn from the test pools (HPDv2, ImageReward, GenAI-Bench, Pick-a-Pic), and
     the on-policy one (HPDv2 ranked groups of K fresh samples, ranked by the oracle with near-ties tied, their oracle
@@ -578,17 +578,13 @@ def benchmarks(test, bench, rng, args, root):
                           rank=(np.argsort(order) + 1).tolist()))
         imagereward.append(dict(prompt=items[ir[0]].prompt, generations=[items[i].path for i in ir],
                                 ranking=ties_ranking(scores[ir], args.tie_margin)))  # 1 = best, near-ties share
-    pairs = within_prompt_pairs(groups, args.n_bench, rng)
-    votes = toy_annotate(scores[pairs[:, 0]], scores[pairs[:, 1]], args.test_raters, rng, args.rater_noise)
-    tie = np.abs(scores[pairs[:, 0]] - scores[pairs[:, 1]]) < args.tie_margin
+    pairs, votes, tie = bench_pairs(groups, scores, rng, args)
     bad = np.maximum(scores[pairs[:, 0]], scores[pairs[:, 1]]) < args.bothbad
     vote_type = np.where(tie, "tievote", np.where(bad, "bothbad_vote", np.where(
         2 * votes > args.test_raters, "leftvote", "rightvote")))
     genai = [dict(prompt=items[i].prompt, left_image=items[i].path, right_image=items[j].path, vote_type=str(t))
              for (i, j), t in zip(pairs.tolist(), vote_type)]
-    pairs = within_prompt_pairs(groups, args.n_bench, rng)
-    votes = toy_annotate(scores[pairs[:, 0]], scores[pairs[:, 1]], args.test_raters, rng, args.rater_noise)
-    tie = np.abs(scores[pairs[:, 0]] - scores[pairs[:, 1]]) < args.tie_margin
+    pairs, votes, tie = bench_pairs(groups, scores, rng, args)
     label0 = np.where(tie, 0.5, (2 * votes > args.test_raters).astype(float))
     pickapic = [dict(caption=items[i].prompt, jpg_0=items[i].path, jpg_1=items[j].path, label_0=float(l), label_1=1 - float(l))
                 for (i, j), l in zip(pairs.tolist(), label0)]
