@@ -325,6 +325,17 @@ def evaluate_policy(transformer, table, splits, seeds, sigmas, cfg, reward_fn, s
                                 **{k: stats[k] for k in ("color", "shape", "background", "match")})
     return report, images
 
+def evaluate_ema(run, args, proxy, autocast):
+    """A stage's fixed evaluation of its EMA weights (swapped in, then back): evaluate_policy with the stage's run (its
+    transformer, prompt table, splits, sigmas, VAE and oracle) and proxy -> ({split: metrics}, {split: images})."""
+    seeds = dict(train=args.eval_seeds, heldout=args.heldout_seeds)
+    swap_weights(run.params, run.ema)
+    with autocast:
+        report, images = evaluate_policy(run.transformer, run.table, run.splits, seeds, run.eval_sigmas, args.eval_cfg,
+                                         proxy, run.shape, run.vae, run.oracle)
+    swap_weights(run.params, run.ema)
+    return report, images
+
 # -----------------------------------------------------------------------------
 # The files of a run: prompt lists, summary.json, curves, grids
 

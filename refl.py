@@ -276,18 +276,6 @@ def proxy(args, run, lat, prompts):
     return (proxy_weights * align.score_rewards(run.rewards, lat, prompts, run.table, keys)).sum(0)
 
 
-def evaluate(args, run, autocast):
-    """The fixed evaluation (docs/design.md §10) of the EMA weights
-    -> ({split: metrics}, {split: first-seed images})."""
-    seeds = dict(train=args.eval_seeds, heldout=args.heldout_seeds)
-    align.swap_weights(run.params, run.ema)
-    with autocast:
-        report, images = align.evaluate_policy(run.transformer, run.table, run.splits, seeds, run.eval_sigmas,
-                                               args.eval_cfg, partial(proxy, args, run), run.shape, run.vae, run.oracle)
-    align.swap_weights(run.params, run.ema)
-    return report, images
-
-
 class Best(NamedTuple):
     """--early-stop: the evaluation with the highest held-out proxy so far."""
     score: float  # its held-out proxy (the training one without held-out prompts)
@@ -310,7 +298,7 @@ def main(args):
     it, history, ckpt_path, log_path = align.start_run(args.out, args.resume, run.params, run.ema, run.opt,
                                                        rank, device)
     if not history:
-        report, before_images = evaluate(args, run, autocast)
+        report, before_images = align.evaluate_ema(run, args, partial(proxy, args, run), autocast)
         history = [dict(iter=0, **report)]
         if rank == 0:
             align.image_grid([im[:12] for im in before_images.values()]).save(os.path.join(args.out, "before.png"))
@@ -347,7 +335,7 @@ def main(args):
         it += 1
         rec = dict(iter=it, mid=mid, gnorm=gnorm, **stats, seconds=dict(training=time.time() - t0))
         if (args.eval_interval and it % args.eval_interval == 0) or it == args.iters:
-            report, after_images = evaluate(args, run, autocast)
+            report, after_images = align.evaluate_ema(run, args, partial(proxy, args, run), autocast)
             history.append(dict(iter=it, **report))
             rec["eval"] = {s: {k: v for k, v in r.items() if k != "golden_all"} for s, r in report.items()}
             bar.write(f"step {it}: " + align.describe_eval(history[-1]))

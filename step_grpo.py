@@ -346,18 +346,6 @@ def proxy(args, run, lat, prompts):
     return (weights * align.score_rewards(run.rewards, lat, prompts, run.table, keys)).sum(0)
 
 
-def evaluate(args, run, autocast):
-    """The fixed evaluation (docs/design.md §10) of the EMA weights
-    -> ({split: metrics}, {split: first-seed images})."""
-    seeds = dict(train=args.eval_seeds, heldout=args.heldout_seeds)
-    align.swap_weights(run.params, run.ema)
-    with autocast:
-        report, images = align.evaluate_policy(run.transformer, run.table, run.splits, seeds, run.eval_sigmas,
-                                               args.eval_cfg, partial(proxy, args, run), run.shape, run.vae, run.oracle)
-    align.swap_weights(run.params, run.ema)
-    return report, images
-
-
 def main(args):
     args, recipe, keys = resolve_args(args)
     ddp, rank, world, device, autocast = align.setup_distributed()
@@ -372,7 +360,7 @@ def main(args):
     it, history, ckpt_path, log_path = align.start_run(args.out, args.resume, run.params, run.ema, run.opt,
                                                        rank, device)
     if not history:
-        report, before_images = evaluate(args, run, autocast)
+        report, before_images = align.evaluate_ema(run, args, partial(proxy, args, run), autocast)
         history = [dict(iter=0, **report)]
         if rank == 0:
             align.image_grid([im[:12] for im in before_images.values()]).save(os.path.join(args.out, "before.png"))
@@ -397,7 +385,7 @@ def main(args):
         rec = dict(iter=it, reward=r_mean, child_spread=r_spread, **stats,
                    seconds=dict(sampling=t_sample, reward=ro.reward_seconds, training=t2 - t1))
         if (args.eval_interval and it % args.eval_interval == 0) or it == args.iters:
-            report, after_images = evaluate(args, run, autocast)
+            report, after_images = align.evaluate_ema(run, args, partial(proxy, args, run), autocast)
             history.append(dict(iter=it, **report))
             rec["eval"] = {s: {k: v for k, v in r.items() if k != "golden_all"} for s, r in report.items()}
             bar.write(f"iter {it}: " + align.describe_eval(history[-1]))

@@ -181,6 +181,17 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--small", action="store_true", help="the SMALL preset: the miniature world of the tests")
 # renders (the generator's training set)
 parser.add_argument("--renders-per-prompt", type=int, default=64)
+# the web-like mix: real generators learn from flawed images under clean captions and from captions naming a wrong
+# attribute, which is why their samples carry coarse flaws that alignment removes (docs/design.md §8). Off by default
+# until the quick start is sized for it; the measured mix: --flawed-share 0.3 --wrong-captions 0.25 (docs/results.md)
+parser.add_argument("--flawed-share", type=float, default=0.0, help="share of the renders replaced by a corrupted copy")
+parser.add_argument("--flaw-strength", type=lambda s: tuple(map(float, s.split(","))), default=(0.3, 1.0),
+                    help="LO,HI: a flaw's strength ~ U(LO, HI)")
+parser.add_argument("--wrong-captions", type=float, default=0.0, help="share of the captions naming a wrong attribute")
+parser.add_argument("--wrong-attribute", default="color", choices=("color", "shape", "any"),
+                    help="what a wrong caption names wrongly (never a held-out colour-shape combination)")
+parser.add_argument("--headroom-per-prompt", type=int, default=8, help="samples per prompt of the headroom report")
+parser.add_argument("--headroom-cfg", type=float, default=4.5, help="its guidance: the alignment stages' evaluation's")
 # VAE: L1 + L2 reconstruction + a small KL
 parser.add_argument("--vae-steps", type=int, default=500)
 parser.add_argument("--vae-batch", type=int, default=32)
@@ -219,12 +230,14 @@ parser.add_argument("--bothbad", type=float, default=0.5, help="GenAI-Bench: bot
 parser.add_argument("--n-bench", type=int, default=300, help="pairs in each pairwise benchmark")
 # The SMALL preset (--small), the miniature world of the tests: each size is capped at its value here, so a smaller
 # flag given with --small still wins, and --n-train-pairs 0 (every pair) becomes 200.
-SMALL = dict(renders_per_prompt=4, vae_steps=3, vae_batch=8, gen_steps=3, gen_batch=8, warmup=1, sample_steps=2,
+SMALL = dict(renders_per_prompt=4, headroom_per_prompt=2, vae_steps=3, vae_batch=8, gen_steps=3, gen_batch=8, warmup=1, sample_steps=2,
              gen_per_prompt=1, train_gen_per_prompt=1, onpolicy_per_prompt=3, onpolicy_pool=2, bench_per_prompt=2,
              train_wrong=1, train_pools=1, n_train_pairs=200, n_test_pairs=60, test_train_prompts=2, n_bench=20)
 # Seed streams besides args.seed's own (numpy: renders, test set, benchmarks; torch: the VAE's and generator's batches)
 BENCH_SEED_OFFSET = 1_000_003  # the on-policy benchmark samples from seeds args.seed + this + k: never a training pool's
 TRAIN_POOL_STREAM = 1  # default_rng([args.seed, this]): the training pools' own stream, so they never redraw the test set
+HEADROOM_STREAM = 2  # default_rng([args.seed, this]): the headroom report's renders
+HEADROOM_SEED_OFFSET = 2_000_003  # the headroom report samples from seeds args.seed + this + k
 
 # ----------------------------------------------------------------------------- pure helpers
 
@@ -380,19 +393,43 @@ def lap(timings, name, t0):
     return now
 
 
+def wrong_caption(prompt, attribute, rng):
+    """The prompt with one attribute named wrongly (a random one for "any"), never a held-out colour-shape combination:
+    a web caption that does not match its image."""
+    c, s, b = parse_toy_prompt(prompt)
+    attribute = str(rng.choice(["color", "shape", "background"])) if attribute == "any" else attribute
+    if attribute == "color":
+        c = str(rng.choice([x for x in TOY_COLORS if x != c and (x, s) not in TOY_HELDOUT]))
+    elif attribute == "shape":
+        s = str(rng.choice([x for x in TOY_SHAPES if x != s and (c, x) not in TOY_HELDOUT]))
+    else:
+        b = str(rng.choice([x for x in TOY_BACKGROUNDS if x != b]))
+    return toy_prompt(c, s, b)
+
+
 def render_training_set(train_prompts, rng, args, root):
-    """The renders the VAE and the generator learn from -> their prompts, the renders, the VAE's data."""
-    render_prompts = [p for p in train_prompts for _ in range(args.renders_per_prompt)]
-    renders = [render_toy(*parse_toy_prompt(p), rng) for p in tqdm(render_prompts, desc="render", leave=False)]
+    """The generator's web-like training set: renders of the training prompts, a random --flawed-share of them replaced
+    by a corrupted copy under their clean caption, a random --wrong-captions share captioned wrongly -> (the prompts
+    drawn, the captions trained on, the images (N,3,32,32) in [-1, 1], the VAE's data)."""
+    prompts = [p for p in train_prompts for _ in range(args.renders_per_prompt)]
+    renders = [render_toy(*parse_toy_prompt(p), rng) for p in tqdm(prompts, desc="render", leave=False)]
+    captions = list(prompts)
+    if args.flawed_share > 0:
+        for i in rng.permutation(len(renders))[:round(args.flawed_share * len(renders))]:
+            renders[i] = corrupt_toy(renders[i], str(rng.choice(TOY_CORRUPTIONS)), rng.uniform(*args.flaw_strength), rng)
+    if args.wrong_captions > 0:
+        for i in rng.permutation(len(renders))[:round(args.wrong_captions * len(renders))]:
+            captions[i] = wrong_caption(prompts[i], args.wrong_attribute, rng)
     save_images("images/render", renders, root)
     x_all = to_tensor(renders)  # (N,3,32,32) in [-1,1]
-    # the VAE sees corrupted images too (as SD's VAE sees all kinds of photos), so their latents keep the
-    # blur / noise / contrast / clipping the reward must read; the generator learns the clean renders only
+    # the VAE sees more corrupted images (as SD's VAE sees all kinds of photos), so its latents keep the blur / noise /
+    # contrast / clipping the reward must read (the first renders: the VAE does not read captions)
     bad = [corrupt_toy(im, str(rng.choice(TOY_CORRUPTIONS)), float(rng.uniform(0.1, 1.0)), rng)
            for im in renders[:int(args.vae_corrupt * len(renders))]]
     x_vae = torch.cat([x_all, to_tensor(bad)]) if bad else x_all
-    print(f"render: {len(renders)} images of {len(train_prompts)} training prompts")
-    return render_prompts, x_all, x_vae
+    print(f"render: {len(renders)} images of {len(train_prompts)} training prompts, {args.flawed_share:.0%} flawed, "
+          f"{args.wrong_captions:.0%} captioned with a wrong {args.wrong_attribute}")
+    return prompts, captions, x_all, x_vae
 
 
 def train_vae(vae, x_vae, args, g):
@@ -466,22 +503,52 @@ def train_generator(pipe, latents, render_prompts, train_prompts, args, g):
 
 
 @torch.no_grad()
+def draw_samples(pipe, prompts, seed, cfg, steps, batch=64):
+    """The pipeline's own samples of prompts, batch k seeded by seed + k (the batch size is part of the seed stream)."""
+    images, latents = [], []
+    for k in tqdm(range(0, len(prompts), batch), desc="sample", leave=False):
+        z = pipe(prompts[k:k + batch], height=32, width=32, num_inference_steps=steps, guidance_scale=cfg,
+                 max_sequence_length=8, output_type="latent", generator=torch.Generator().manual_seed(seed + k)).images
+        x = pipe.vae.decode(z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
+        images += pipe.image_processor.postprocess(x, output_type="pil")
+        latents.append(z)
+    return Samples(images, torch.cat(latents), prompts)
+
+
+@torch.no_grad()
+def headroom(pipe, train_prompts, heldout_prompts, args):
+    """What alignment can fix: the golden score of fresh samples (--headroom-per-prompt per prompt, from seeds of their
+    own) with guidance on (--headroom-cfg) and off, against clean renders, per term (colour, shape, background:
+    0.2 each at best; quality 0.4), the share with the colour and the shape right, and the oracle's spread within one
+    prompt's samples (the mean over prompts of their std), on training prompts and held-out combinations."""
+    rng, k = np.random.default_rng([args.seed, HEADROOM_STREAM]), args.headroom_per_prompt
+    report = {}
+    for split, names in (("train", train_prompts), ("heldout", heldout_prompts)):
+        prompts = [p for p in names for _ in range(k)]
+        renders = [render_toy(*parse_toy_prompt(p), rng) for p in prompts]
+        for cfg in (args.headroom_cfg, 1.0, None):
+            images = renders if cfg is None else draw_samples(pipe, prompts, args.seed + HEADROOM_SEED_OFFSET, cfg,
+                                                              args.sample_steps).images
+            terms = toy_golden_score(images, prompts, parts=True)
+            reads = match_stats(images, prompts)
+            report[f"{split}_{'renders' if cfg is None else f'cfg{cfg:g}'}"] = dict(
+                golden=float(terms["score"].mean()), spread=float(terms["score"].reshape(-1, k).std(1).mean()),
+                color_right=reads["color"], shape_right=reads["shape"],
+                **{t: float(terms[t].mean()) for t in ("color", "shape", "background", "quality")})
+    for name, r in report.items():
+        print(f"headroom {name}: golden {r['golden']:.3f} (spread {r['spread']:.3f}), colour right {r['color_right']:.2f}, "
+              f"shape right {r['shape_right']:.2f}, quality term {r['quality']:.3f} of 0.4")
+    return report
+
+
+@torch.no_grad()
 def sample_generator(pipe, train_prompts, heldout_prompts, args, root):
     """The pipeline's own samples for the training pools and, from other seeds, for the on-policy benchmark and the test
     pools (no test image is a training image); saves pipeline/ and samples.png -> both Samples, the match rates."""
     train_gen = [p for p in train_prompts for _ in range(args.train_gen_per_prompt + args.onpolicy_per_prompt)]
     bench_gen = [p for p in train_prompts + heldout_prompts for _ in range(args.bench_per_prompt)]
-    samples, batch = [], 64  # the batch k is seeded by seed + k: the batch size is part of the seed stream
-    for prompts, seed in ((train_gen, args.seed), (bench_gen, args.seed + BENCH_SEED_OFFSET)):
-        images, latents = [], []
-        for k in tqdm(range(0, len(prompts), batch), desc="sample", leave=False):
-            z = pipe(prompts[k:k + batch], height=32, width=32, num_inference_steps=args.sample_steps, guidance_scale=args.cfg,
-                     max_sequence_length=8, output_type="latent", generator=torch.Generator().manual_seed(seed + k)).images
-            x = pipe.vae.decode(z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
-            images += pipe.image_processor.postprocess(x, output_type="pil")
-            latents.append(z)
-        samples.append(Samples(images, torch.cat(latents), prompts))
-    train, bench = samples
+    train = draw_samples(pipe, train_gen, args.seed, args.cfg, args.sample_steps)
+    bench = draw_samples(pipe, bench_gen, args.seed + BENCH_SEED_OFFSET, args.cfg, args.sample_steps)
     n_tr = len(train_prompts) * args.bench_per_prompt
     tr, ho = match_stats(bench.images[:n_tr], bench_gen[:n_tr]), match_stats(bench.images[n_tr:], bench_gen[n_tr:])
     pipe.save_pretrained(os.path.join(root, "pipeline"))
@@ -635,7 +702,7 @@ def main(args):
     train_prompts = [p for p in all_prompts() if not is_heldout(p)]
     heldout_prompts = [p for p in all_prompts() if is_heldout(p)]
 
-    render_prompts, x_all, x_vae = render_training_set(train_prompts, rng, args, tmp)
+    render_prompts, captions, x_all, x_vae = render_training_set(train_prompts, rng, args, tmp)
     t0 = lap(timings, "render", t_all)
     if args.reuse_pipeline:  # a built world's VAE and generator: neither is retrained
         from diffusers import StableDiffusion3Pipeline
@@ -647,9 +714,10 @@ def main(args):
     latents, summary["vae"] = normalise_latents(pipe.vae, x_all, render_prompts)
     t0 = lap(timings, "vae", t0)
     if not args.reuse_pipeline:
-        train_generator(pipe, latents, render_prompts, train_prompts, args, g)
+        train_generator(pipe, latents, captions, train_prompts, args, g)
     t0 = lap(timings, "generator", t0)
     train_samples, bench_samples, summary["generator"] = sample_generator(pipe, train_prompts, heldout_prompts, args, tmp)
+    summary["headroom"] = headroom(pipe, train_prompts, heldout_prompts, args)
     t0 = lap(timings, "sample", t0)
     test, given, summary["pairs"] = preference_pairs(train_samples, bench_samples, train_prompts, heldout_prompts, rng,
                                                      args, tmp)

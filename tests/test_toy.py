@@ -176,6 +176,30 @@ def test_files_and_formats(world):
     assert Image.open(os.path.join(world, "samples.png")).size[0] > 96
 
 
+def test_web_like_mix_and_headroom_report(world, tmp_path):
+    """The generator's training set holds the flawed share of corrupted renders and the wrong-caption share of wrong
+    captions, never a held-out combination; the headroom report covers both splits with guidance on and off beside
+    clean renders (golden 1, the full quality term), each term within its weight."""
+    rng = np.random.default_rng(0)
+    prompts = [p for p in toy.all_prompts() if not toy.is_heldout(p)]
+    args = toy.parser.parse_args(["--renders-per-prompt", "4", "--flawed-share", "0.5", "--wrong-captions", "0.25",
+                                  "--wrong-attribute", "any", "--vae-corrupt", "0"])
+    drawn, captions, x, x_vae = toy.render_training_set(prompts, rng, args, str(tmp_path))
+    assert len(drawn) == len(captions) == len(x) == len(x_vae) == 4 * len(prompts)
+    wrong = [c for c, p in zip(captions, drawn) if c != p]
+    assert len(wrong) == round(0.25 * len(drawn)) and not any(toy.is_heldout(c) for c in captions)
+    assert all(sum(a != b for a, b in zip(parse_toy_prompt(c), parse_toy_prompt(p))) == 1
+               for c, p in zip(captions, drawn) if c != p)  # exactly one attribute named wrongly
+    quality = toy_golden_score(x, drawn, parts=True)["quality"]
+    assert (quality < 0.39).sum() >= 0.4 * len(drawn)  # about half are flawed (a mild flaw can read as nearly clean)
+    s = load(os.path.join(world, "summary.json"))["headroom"]
+    assert set(s) == {f"{split}_{kind}" for split in ("train", "heldout") for kind in ("cfg4.5", "cfg1", "renders")}
+    for name, r in s.items():
+        assert 0 <= r["color"] <= 0.2 + 1e-6 and 0 <= r["shape"] <= 0.2 + 1e-6 and 0 <= r["quality"] <= 0.4 + 1e-6
+        assert r["spread"] >= 0 and 0 <= r["color_right"] <= 1
+    assert s["train_renders"]["golden"] > 0.99 and s["heldout_renders"]["color_right"] == 1
+
+
 def test_pipeline_reloads(world):
     import torch
     from diffusers import StableDiffusion3Pipeline
