@@ -350,6 +350,17 @@ def read_prompts(path, flag="--prompts"):
     return prompts
 
 
+def read_splits(args):
+    """A training stage's prompts -> (training prompts, {split: fixed evaluation prompts}): train = --eval-prompts, or
+    the first 32 training prompts; heldout = --heldout-prompts, if given."""
+    train_prompts = read_prompts(args.prompts, "--prompts")
+    seen = read_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else train_prompts[:32]
+    splits = {"train": seen}
+    if args.heldout_prompts:
+        splits["heldout"] = read_prompts(args.heldout_prompts, "--heldout-prompts")
+    return train_prompts, splits
+
+
 def image_grid(rows, cell=96, labels=()):
     """rows: lists of PIL images (e.g. the same prompts and seeds before / after) -> one PIL grid, a label per row."""
     from PIL import ImageDraw

@@ -160,7 +160,8 @@ class Scorer:
     first use), its resolution buckets. Scorer(ckpt).score(prompt, [paths or PIL images]) -> [floats]."""
 
     def __init__(self, ckpt, t=None, ensemble=None, seed=0, device=None, expect=None, normalisation="raw"):
-        self.path = ckpt
+        run_folder = os.path.isdir(ckpt) and not released.is_released(ckpt)
+        self.path = os.path.join(ckpt, "ckpt.safetensors") if run_folder else ckpt  # the file (or released folder)
         self.model, self.meta = released.load_reward(ckpt, expect=expect, normalisation=normalisation)
         self.args, self.seed, self._enc = self.meta["args"], seed, None
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

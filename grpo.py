@@ -231,11 +231,7 @@ class Run(NamedTuple):
 
 
 def build(args, device):
-    train_prompts = align.read_prompts(args.prompts, "--prompts")
-    seen = align.read_prompts(args.eval_prompts, "--eval-prompts") if args.eval_prompts else train_prompts[:32]
-    splits = {"train": seen}
-    if args.heldout_prompts:
-        splits["heldout"] = align.read_prompts(args.heldout_prompts, "--heldout-prompts")
+    train_prompts, splits = align.read_splits(args)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     pipe = load_pipeline(args.backbone, args.backbone_path, args.seed, dtype=dtype).to(device)
     transformer = pipe.transformer

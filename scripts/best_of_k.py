@@ -118,6 +118,7 @@ def main(args):
     enc_img, enc_txt = sc.encoders()
     vae = load_pipeline(sc.args["backbone"], sc.args.get("backbone_path"), with_transformer=False).vae
     kinds = {"training prompts": [], "held-out combos": []}  # the latent read, with the oracle's reading of each sample
+    mean_reward = {read: {k: [] for k in kinds} for read in ("latent", "png")}  # per prompt: the round trip's two reads
     out, shift, terms = {}, [], []  # shift: ||encode(decode(z)) - z|| / ||z|| per prompt, the generator's latent vs its PNG's
     for read in ("latent", "png", "vae"):
         split = {"training prompts": [], "held-out combos": []}
@@ -137,6 +138,8 @@ def main(args):
                 shift.append(float((z - z_gen).norm() / z_gen.norm()))
             key = "held-out combos" if is_heldout(g["prompt"]) else "training prompts"
             split[key].append((r, np.array([oracle[p] for p in paths])))
+            if read in mean_reward:
+                mean_reward[read][key].append(float(np.mean(r)))
             if read == "latent":
                 want, reads = parse_toy_prompt(g["prompt"]), [parse_toy_prompt(p) for p in oracle_read(pngs)]
                 right = np.array([[a == b for a, b in zip(rd[:2], want[:2])] for rd in reads])  # (K, 2): colour, shape
@@ -159,6 +162,15 @@ def main(args):
         out["latent"][key]["by_kind"] = {k: dict(correct=c, pairs=n) for k, (c, n) in acc.items()}
     print("what separates the samples of one prompt: within-prompt std of the oracle's weighted terms, "
           + ", ".join(f"{k} {np.mean([t[k] for t in terms]):.3f}" for k in terms[0]))
+    out["roundtrip"] = {}
+    for key in kinds:  # the reward of a sample as alignment reads it (its latent) minus as its picture reads (re-encoded)
+        d = np.array(mean_reward["latent"][key]) - np.array(mean_reward["png"][key])
+        out["roundtrip"][key] = dict(latent=float(np.mean(mean_reward["latent"][key])),
+                                     reencoded=float(np.mean(mean_reward["png"][key])), gap=float(d.mean()),
+                                     gap_se=float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"))
+        r = out["roundtrip"][key]
+        print(f"round trip, {key}: mean reward {r['latent']:.3f} on the generator's latents, {r['reencoded']:.3f} on the "
+              f"VAE re-encodings of their PNGs: gap {r['gap']:+.3f} +- {r['gap_se']:.3f}")
     print(f"the PNG's latent differs from the generator's own by {np.mean(shift):.1%} of its norm "
           f"(||encode(decode(z)) - z|| / ||z||, mean over prompts): the PNG read is not the read alignment uses")
     path = os.path.join(os.path.dirname(os.path.abspath(sc.path)), f"best_of_{K}.json")
