@@ -19,6 +19,7 @@ import torch.distributed as dist
 from PIL import Image
 
 import released
+from data import read_prompts
 from model import atomic_write, load_checkpoint, sample, save_checkpoint, seeded
 
 # -----------------------------------------------------------------------------
@@ -62,6 +63,13 @@ def print0(*args):
 def print_recipe(name, recipe, args):
     """The resolved recipe, printed once at start: what a reader sees declared is what runs."""
     print0(f"recipe {name}: " + ", ".join(f"{k}={getattr(args, k)}" for k in recipe))
+
+
+def fill_preset(args, values):
+    """A preset's values for the flags left at None: a flag given on the command line always wins."""
+    for key, value in values.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 # -----------------------------------------------------------------------------
@@ -163,9 +171,8 @@ def optimizer_step(params, opt, ema, ema_decay=0.9, grad_clip=1.0, ddp=False, wh
     gnorm = torch.nn.utils.clip_grad_norm_(params.values(), grad_clip).item()
     opt.step()
     opt.zero_grad(set_to_none=False)
-    with torch.no_grad():
-        for n, p in params.items():
-            ema[n].lerp_(p.detach(), 1 - ema_decay)
+    for n, p in params.items():
+        ema[n].lerp_(p.detach(), 1 - ema_decay)
     return gnorm
 
 
@@ -338,16 +345,6 @@ def evaluate_ema(run, args, proxy, autocast):
 
 # -----------------------------------------------------------------------------
 # The files of a run: prompt lists, summary.json, curves, grids
-
-
-def read_prompts(path, flag="--prompts"):
-    """A prompts file, one prompt per line (blank lines skipped) -> list[str]; a missing or empty file is an error."""
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {path}: no such prompts file (one prompt per line)")
-    prompts = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
-    if not prompts:
-        raise ValueError(f"{flag} {path}: the prompts file is empty")
-    return prompts
 
 
 def read_splits(args):

@@ -428,3 +428,14 @@ class PairCache:
     def buckets(self):
         """-> {"CxHxW": [pair indices]}, so the trainer never mixes buckets in a batch."""
         return _group(("x".join(map(str, p["shape"])), i) for i, p in enumerate(self.pairs))
+
+
+# ----------------------------------------------------------------------------- prompt lists
+def read_prompts(path, flag="--prompts"):
+    """A prompts file, one prompt per line (blank lines skipped) -> list[str]; a missing or empty file is an error."""
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path}: no such prompts file (one prompt per line)")
+    prompts = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
+    if not prompts:
+        raise ValueError(f"{flag} {path}: the prompts file is empty")
+    return prompts

@@ -157,9 +157,7 @@ def resolve_args(args):
     """The preset's values for the flags left at None (flags given on the command line win), checked -> (args, the
     preset's name, its keys)."""
     name, values = preset(args)
-    for k, v in values.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    align.fill_preset(args, values)
     if args.sde_type not in SDE_STEPS:
         raise ValueError(f"unknown --sde-type {args.sde_type!r}; choose {' or '.join(SDE_STEPS)}")
     if args.backbone == "toy":

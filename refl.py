@@ -124,9 +124,7 @@ def resolve_args(args):
     """The preset's values (the toy's on toy and tiny, else SD3.5's) for the flags left at None (flags given on the
     command line win), checked -> (args, the preset's name, its keys)."""
     name = "toy" if args.backbone in ("toy", "tiny") else "dina"
-    for k, v in PRESETS[name].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    align.fill_preset(args, PRESETS[name])
     if args.backbone == "toy":
         args.reward = args.reward or ["out/reward-toy-dina"]
         args.prompts = args.prompts or "out/toy/prompts_train.txt"

@@ -39,6 +39,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import align
+import data
 import toy
 from model import SCORE_NORMALISATIONS, SDE_STEPS, load_pipeline, sample, sd3_sigmas, sde_children, seeded, velocity
 from model import x0_hat
@@ -85,9 +86,7 @@ def resolve_args(args):
     """The preset's values (the toy's on toy and tiny, else DRM's) for the flags left at None (flags given on the
     command line win), checked -> (args, the preset's name, its keys)."""
     name = "toy" if args.backbone in ("toy", "tiny") else "drm"
-    for key, v in PRESETS[name].items():
-        if getattr(args, key) is None:
-            setattr(args, key, v)
+    align.fill_preset(args, PRESETS[name])
     if min(args.k) < 1:
         raise ValueError(f"--k {min(args.k)}: every k must be >= 1 (k = 1 is the plain SDE sampler)")
     if args.select not in ("best", "sample") or args.score not in ("noisy", "x0hat") or args.sde_type not in SDE_STEPS:
@@ -172,7 +171,7 @@ def build(args):
         prompts = [args.prompt]
     else:
         default = "out/toy/prompts_heldout.txt" if args.backbone == "toy" else None
-        prompts = align.read_prompts(args.prompts or default)
+        prompts = data.read_prompts(args.prompts or default)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     pipe = load_pipeline(args.backbone, args.backbone_path, args.seed, dtype=dtype).to(device)

@@ -131,9 +131,7 @@ def resolve_args(args):
     """The preset's values (the toy's on toy and tiny, else SD3.5's) for the flags left at None (flags given on the
     command line win), checked -> (args, the preset's name, its keys)."""
     name = "toy" if args.backbone in ("toy", "tiny") else "flow-grpo"
-    for k, v in PRESETS[name].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    align.fill_preset(args, PRESETS[name])
     if args.k < 1:
         raise ValueError(f"--k {args.k}: the number of children per step must be >= 1")
     if args.cont not in ("random", "best") or args.sde_type not in SDE_STEPS:

@@ -127,9 +127,7 @@ def resolve_args(args):
     args.preset = args.preset or (args.backbone if args.backbone in ("tiny", "toy") else "sd35")
     if args.preset not in PRESETS:
         raise ValueError(f"unknown --preset {args.preset!r}; choose one of {sorted(PRESETS)}")
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    align.fill_preset(args, PRESETS[args.preset])
     args.loss = args.loss or ("thurstone" if args.head == "dina" else "bt")
     args.same_noise = bool(args.head == "dina" if args.same_noise is None else args.same_noise)
     args.lora_alpha = args.lora_alpha or (2 * args.lora_rank if args.head == "dina" else args.lora_rank)

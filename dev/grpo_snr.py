@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ -> the repository root
 import align  # noqa: E402
+import data  # noqa: E402
 import grpo  # noqa: E402
 import toy  # noqa: E402
 from model import grpo_loss, load_pipeline, sample, sd3_sigmas, sde_step, seeded, velocity  # noqa: E402
@@ -75,7 +76,7 @@ def main(args):
         raise ValueError(f"--batches {args.batches}: at least 3, for the spread of the pairs' cosines")
     pipe = load_pipeline("toy", None, 0)
     tr = pipe.transformer
-    prompts = align.read_prompts(args.prompts)
+    prompts = data.read_prompts(args.prompts)
     table = align.encode_prompt_table(pipe, prompts + [""], 8)
     neg = align.embeds(table, [""])
     params = align.add_policy_lora(tr, 8, 16)

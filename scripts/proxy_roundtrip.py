@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import toy  # noqa: E402
 from align import (EVAL_SEED, PROXY_NOISE, decode_latents, embeds, encode_prompt_table, load_rewards,  # noqa: E402
-                   read_prompts, score_rewards)
+                   score_rewards)
+from data import read_prompts  # noqa: E402
 from model import load_pipeline, make_encoders, sample, sd3_sigmas, seeded  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
