@@ -182,24 +182,25 @@ parser.add_argument("--small", action="store_true", help="the SMALL preset: the 
 # renders (the generator's training set)
 parser.add_argument("--renders-per-prompt", type=int, default=64)
 # the web-like mix: real generators learn from flawed images under clean captions and from captions naming a wrong
-# attribute, which is why their samples carry coarse flaws that alignment removes (docs/design.md §8). Off by default
-# until the quick start is sized for it; the measured mix: --flawed-share 0.3 --wrong-captions 0.25 (docs/results.md)
-parser.add_argument("--flawed-share", type=float, default=0.0, help="share of the renders replaced by a corrupted copy")
+# attribute, which is why their samples carry coarse flaws that alignment removes (docs/design.md §8). The shares are
+# measured: colour and shape each wrong in a third of the samples (docs/results.md §9); 0 and 0 give the clean world
+parser.add_argument("--flawed-share", type=float, default=0.3, help="share of the renders replaced by a corrupted copy")
 parser.add_argument("--flaw-strength", type=lambda s: tuple(map(float, s.split(","))), default=(0.3, 1.0),
                     help="LO,HI: a flaw's strength ~ U(LO, HI)")
-parser.add_argument("--wrong-captions", type=float, default=0.0, help="share of the captions naming a wrong attribute")
+parser.add_argument("--wrong-captions", type=float, default=0.25, help="share of the captions naming a wrong attribute")
 parser.add_argument("--wrong-attribute", default="color", choices=("color", "shape", "any"),
                     help="what a wrong caption names wrongly (never a held-out colour-shape combination)")
-parser.add_argument("--headroom-per-prompt", type=int, default=8, help="samples per prompt of the headroom report")
+parser.add_argument("--headroom-per-prompt", type=int, default=4, help="samples per prompt of the headroom report")
 parser.add_argument("--headroom-cfg", type=float, default=4.5, help="its guidance: the alignment stages' evaluation's")
 # VAE: L1 + L2 reconstruction + a small KL
-parser.add_argument("--vae-steps", type=int, default=500)
+parser.add_argument("--vae-steps", type=int, default=200, help="the quick start's sizing (docs/results.md §9)")
 parser.add_argument("--vae-batch", type=int, default=32)
 parser.add_argument("--vae-lr", type=float, default=2e-3)
 parser.add_argument("--kl-weight", type=float, default=1e-6)
 parser.add_argument("--vae-corrupt", type=float, default=0.5, help="share of corrupted renders added to the VAE's data")
 # generator: rectified flow, logit-normal t (SD3), empty-prompt dropout for CFG (--p-uncond), EMA
-parser.add_argument("--gen-steps", type=int, default=1200, help="fewer steps draw blobs, not shapes (measured: docs/log.md)")
+parser.add_argument("--gen-steps", type=int, default=400, help="the quick start's sizing: coloured blobs, shapes near "
+                    "chance; 1,200 steps draw shapes (docs/results.md §9, docs/log.md)")
 parser.add_argument("--gen-batch", type=int, default=32)
 parser.add_argument("--lr", type=float, default=2e-3)
 parser.add_argument("--warmup", type=int, default=50)
@@ -209,8 +210,8 @@ parser.add_argument("--ema", type=float, default=0.99)
 parser.add_argument("--sample-steps", type=int, default=10, help="Flow-GRPO's 10 steps: the samples an alignment stage draws")
 parser.add_argument("--cfg", type=float, default=4.0)
 parser.add_argument("--gen-per-prompt", type=int, default=3, help="generator samples in each test prompt's pool")
-parser.add_argument("--train-gen-per-prompt", type=int, default=16, help="generator samples per training prompt, 2 per mixed pool")
-parser.add_argument("--onpolicy-per-prompt", type=int, default=80, help="generator samples per training prompt, in on-policy pools of "
+parser.add_argument("--train-gen-per-prompt", type=int, default=4, help="generator samples per training prompt in the mixed pools")
+parser.add_argument("--onpolicy-per-prompt", type=int, default=32, help="generator samples per training prompt, in on-policy pools of "
                     "--onpolicy-pool samples, 2 renders and 4 corrupted ones, each ranked whole (HPDv3; measured: docs/results.md)")
 parser.add_argument("--onpolicy-pool", type=int, default=16)
 parser.add_argument("--bench-per-prompt", type=int, default=16, help="K of bench/generated.json: samples from fresh seeds "

@@ -7,6 +7,7 @@ and the quality term.
 
   python dev/generator_steps.py                                  # lr 2e-3, cosine to 1,200 steps (toy.py's default)
   python dev/generator_steps.py --lr 1e-3 --constant --steps 1600 --evals 400,800,1200,1600
+  python dev/generator_steps.py --width 64 --heads 2 --evals 400,800,1200   # a narrower transformer, same recipe
 
 Its runtime: docs/log.md. The samples of the last evaluation go to --grid.
 """
@@ -18,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from diffusers import SD3Transformer2DModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ -> the repository root
 import data  # noqa: E402
@@ -34,6 +36,8 @@ parser.add_argument("--constant", action="store_true", help="constant lr after t
 parser.add_argument("--evals", default="400,800,1200", help="steps at which to sample and score")
 parser.add_argument("--grid", default="out/generator_steps.png")
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--width", type=int, default=128, help="the transformer's width (toy.py's: 128)")
+parser.add_argument("--heads", type=int, default=4, help="its attention heads (toy.py's: 4)")
 SAMPLE_SEED = 99  # the evaluation samples' stream: batch k seeded by SAMPLE_SEED + k, the same at every --evals step
 P_UNCOND = 0.1  # toy.py's --p-uncond: the empty prompt, for CFG
 
@@ -70,7 +74,13 @@ def main(args):
                                               max_sequence_length=8)
     latents = (z - vae.config.shift_factor) * vae.config.scaling_factor  # (N,4,16,16)
     pid = torch.arange(len(train_prompts)).repeat_interleave(per_prompt)
-    net = make_tiny_pipeline(args.seed, size="toy").transformer.train()
+    net = make_tiny_pipeline(args.seed, size="toy").transformer
+    if args.width != 128 or args.heads != 4:  # the toy's transformer at another width, all else equal
+        config = dict(net.config, attention_head_dim=args.width // args.heads, num_attention_heads=args.heads,
+                      caption_projection_dim=args.width)
+        torch.manual_seed(args.seed)
+        net = SD3Transformer2DModel.from_config(config)
+    net.train()
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
     if args.constant:

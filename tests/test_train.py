@@ -127,7 +127,7 @@ def test_toy_recipe_fills_only_flags_not_given():
     """On tiny/toy the laptop recipe replaces flags left at their SD3.5 defaults, never flags given on the
     command line, even when given at the default's value (`--t-shift 1 --t-eval 0.4` on the toy)."""
     a = train_reward.resolve_args(train_reward.parser.parse_args(["--backbone", "toy"]))
-    assert (a.t_shift, a.t_eval, a.steps, a.lr_schedule, a.data) == (0.125, 0.08, 1200, "cosine", "out/toy/train.json")
+    assert (a.t_shift, a.t_eval, a.steps, a.lr_schedule, a.data) == (0.125, 0.08, 600, "cosine", "out/toy/train.json")
     assert (a.batching, a.full_finetune, a.lr) == ("groups", True, 5e-4)
     a = train_reward.resolve_args(train_reward.parser.parse_args(["--backbone", "toy", "--no-full-finetune", "--batching", "pairs"]))
     assert (a.batching, a.full_finetune, a.lora_rank) == ("pairs", False, 8)
