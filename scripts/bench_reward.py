@@ -316,8 +316,9 @@ def memory(args):
         model = build_reward_model(args.backbone, args.head, lora_rank=args.lora_rank, full_finetune=args.full_finetune,
                                    random_init=True)
     tokens = (args.resolution // 16) ** 2 + (args.text_len or 154)  # patch 2 on latents of 1/8 the side
-    print(f"{args.head} on {args.backbone}, full fine-tune {args.full_finetune}, {2 * args.batch} images of {tokens} "
-          f"tokens a micro-batch, grad ckpt {args.grad_ckpt}")
+    n_train = sum(p.numel() for p in trainable_state(model).values())
+    print(f"{args.head} on {args.backbone}, {n_train / 1e9:.2f}B trainable, {2 * args.batch} images of {tokens} tokens a "
+          f"micro-batch, grad ckpt {args.grad_ckpt}")
     print(describe_memory(memory_estimate(model, 2 * args.batch, tokens, args.world, args.grad_ckpt, "cuda")))
 
 
