@@ -16,11 +16,12 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import released
 from data import read_prompts
 from model import atomic_write, load_checkpoint, sample, save_checkpoint, seeded
+from parallel import gathered, shard_like
 
 # -----------------------------------------------------------------------------
 # Processes: one per GPU under torchrun (NCCL), or one or more on CPUs (gloo)
@@ -38,7 +39,7 @@ def setup_distributed():
     """-> Processes: torchrun's environment if RANK is set (NCCL on GPUs, gloo on CPUs); bf16 autocast on CUDA only.
     Every stage ends with barrier() and a normal exit, not destroy_process_group (which aborts under gloo)."""
     ddp = "RANK" in os.environ
-    if ddp:
+    if ddp and not dist.is_initialized():  # a second main() in one process (tests) keeps the group
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
@@ -79,29 +80,33 @@ def fill_preset(args, values):
 def save_state(path, params, ema, opt, meta, prefix="lora.", extra=None):
     """The trained weights {name: parameter} under `prefix` (model. for a reward, lora. for a policy), their EMA, AdamW's
     state and any extra tensors in one safetensors file, meta (args, step, ...) as JSON in its header, written
-    atomically (model.save_checkpoint)."""
+    atomically (model.save_checkpoint) by rank 0. FSDP shards are gathered whole (parallel.gathered): then every rank
+    calls it."""
     tensors = {f"{prefix}{n}": p for n, p in params.items()} | {f"ema.{n}": e for n, e in ema.items()}
     for n, p in params.items():
         for k, v in opt.state.get(p, {}).items():
             tensors[f"optim.{n}.{k}"] = v
-    save_checkpoint(path, tensors | (extra or {}), meta)
+    tensors = gathered(tensors)
+    if int(os.environ.get("RANK", 0)) == 0:
+        save_checkpoint(path, tensors | (extra or {}), meta)
 
 
 def load_state(path, params, ema, opt, device="cpu", prefix="lora."):
-    """The inverse of save_state, in place -> (tensors, meta); nothing is unpickled."""
+    """The inverse of save_state, in place -> (tensors, meta); nothing is unpickled. FSDP shards take their part of
+    each full tensor (parallel.shard_like), so runs with and without FSDP resume from each other."""
     tensors, meta = load_checkpoint(path)
     for n, p in params.items():
-        p.data.copy_(tensors[f"{prefix}{n}"])
-        ema[n].copy_(tensors[f"ema.{n}"])
+        part = lambda key: shard_like(tensors[key], p)  # the full tensor, or this rank's part of it as p holds it
+        p.data.copy_(part(f"{prefix}{n}"))
+        ema[n].copy_(part(f"ema.{n}"))
         if f"optim.{n}.exp_avg" in tensors:
-            opt.state[p] = {k: tensors[f"optim.{n}.{k}"].to("cpu" if k == "step" else device)
-                            for k in ("step", "exp_avg", "exp_avg_sq")}
+            opt.state[p] = {k: part(f"optim.{n}.{k}").to(device) for k in ("exp_avg", "exp_avg_sq")}
+            opt.state[p]["step"] = tensors[f"optim.{n}.step"]  # on the CPU, where AdamW keeps it
     return tensors, meta
 
 
 # -----------------------------------------------------------------------------
 # The generator as a policy: encode prompts once, LoRA on its transformer, the rewards beside it
-
 
 
 @torch.no_grad()
@@ -290,7 +295,6 @@ def check_dense(rewards, levels, flag="--reward"):
 @torch.no_grad()
 def decode_latents(vae, z):
     """Normalised latents (B,C,h,w) -> PIL images through the VAE (evaluation and the toy oracle only)."""
-    from PIL import Image
     x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in x]
@@ -360,7 +364,6 @@ def read_splits(args):
 
 def image_grid(rows, cell=96, labels=()):
     """rows: lists of PIL images (e.g. the same prompts and seeds before / after) -> one PIL grid, a label per row."""
-    from PIL import ImageDraw
     pad = 90 if labels else 0
     grid = Image.new("RGB", (pad + cell * max(map(len, rows)), cell * len(rows)), "white")
     draw = ImageDraw.Draw(grid)

@@ -8,8 +8,8 @@ DiNa-LRM on HPDv3 with SD3.5-M, 8 GPUs (encode the cache once, then train as oft
         --data /data/HPDv3/train.json --eval-data /data/HPDv3/test.json --image-root /data/HPDv3 --cache-only
     torchrun --nproc_per_node=8 train_reward.py --backbone sd35m --head dina --compile \
         --data /data/HPDv3/train.json --eval-data /data/HPDv3/test.json --image-root /data/HPDv3
-DRM (21 blocks, full fine-tune, Bradley-Terry) and DiT-Reward (frozen SD3.5-L + MLP):
-    torchrun --nproc_per_node=8 train_reward.py --backbone sd35m --head drm --full-finetune ...
+DRM (full fine-tune, Bradley-Terry; --fsdp: sharded, see the memory estimate at start) and DiT-Reward (frozen SD3.5-L):
+    torchrun --nproc_per_node=8 train_reward.py --backbone sd35l --head drm --full-finetune --grad-ckpt --fsdp ...
     torchrun --nproc_per_node=8 train_reward.py --backbone sd35l --head ditr --lora-rank 0 ...
 
 The flags a command line leaves unset take the values of a named preset (PRESETS: sd35, tiny, toy; chosen by
@@ -33,7 +33,6 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import align
@@ -42,6 +41,7 @@ import toy
 from align import barrier, print0
 from model import (add_noise, bt_loss, build_reward_model, cast_frozen, check_names, load_pipeline, make_encoders,
                    prompt_noise, sample_t, thurstone_loss, trainable_state)
+from parallel import describe_memory, distribute, memory_estimate
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 # backbone and head
@@ -59,6 +59,7 @@ parser.add_argument("--full-finetune", action=argparse.BooleanOptionalAction, de
                     help="train every kept block (DRM's recipe; the toy preset's; --no-full-finetune for LoRA)")
 parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the kept blocks")
 parser.add_argument("--compile", action="store_true", help="torch.compile each kept block (GPU)")
+parser.add_argument("--fsdp", action="store_true", help="torchrun: shard weights, gradients and AdamW over the ranks (FSDP2)")
 parser.add_argument("--frozen-dtype", default="bf16", choices=("bf16", "fp32"), help="CUDA storage of the frozen weights")
 # loss and noise levels
 parser.add_argument("--loss", default=None, choices=("thurstone", "thurstone-fixed", "bt"),
@@ -234,10 +235,11 @@ def evaluate(model, cache, args, procs):
     model.eval()
     rank, world, dev, scores = procs.rank, procs.world, procs.device, {}
     for shape, items in cache.images().items():
-        for i0 in range(rank * 64, len(items), world * 64):
-            chunk = items[i0:i0 + 64]
-            lat, pe, pooled = (x.to(dev, torch.float32) for x in cache.image_batch(chunk))
-            eps = torch.stack([prompt_noise(args.seed, q, 0, shape) for _, q in chunk]).to(dev)
+        rounds = math.ceil(len(items) / (world * 64))  # the same number of forwards on every rank (FSDP gathers in each)
+        for i0 in range(rank * 64, rounds * world * 64, world * 64):
+            chunk = items[i0:i0 + 64]  # empty past the end: that rank scores one image and keeps no score
+            lat, pe, pooled = (x.to(dev, torch.float32) for x in cache.image_batch(chunk or items[:1]))
+            eps = torch.stack([prompt_noise(args.seed, q, 0, shape) for _, q in chunk or items[:1]]).to(dev)
             with procs.autocast:
                 r = model.score(lat, pe, pooled, t=args.t_eval, noise=eps)
             scores.update(zip(chunk, r.float().cpu().tolist()))
@@ -289,12 +291,12 @@ def forward_backward(train_model, cache, batch, args, step, procs, accum):
              for k, v in cache.group_batch(units).items()}
         t, eps = (x.to(device) for x in unit_noise(args, step, units, b))
         y = b["label"] if args.soft_labels else torch.ones_like(b["label"])
-        sync = nullcontext() if (not procs.ddp or a == accum - 1) else train_model.no_sync()
+        sync = train_model.no_sync() if hasattr(train_model, "no_sync") and a < accum - 1 else nullcontext()  # DDP
         with sync, procs.autocast:
             r = train_model(add_noise(b["lat"], t, eps), t, b["prompt_embeds"], b["pooled"]).float()  # (N,) images
             r_pos, r_neg = r[b["pos"]], r[b["neg"]]  # (K,) pairs
             loss = pair_loss(args, r_pos, r_neg, t[b["pos"]], y) * len(y) / n_pairs  # this micro-batch's share
-            (loss * world).backward()  # DDP averages over ranks
+            (loss * world).backward()  # DDP and FSDP average over ranks (FSDP reduce-scatters every micro-batch)
         loss_sum += loss.detach()
         correct += (r_pos > r_neg).float().sum().detach()
     if procs.ddp:
@@ -320,17 +322,17 @@ def load_data(args, procs):
     return train_dir, eval_dir
 
 
-def make_model(args, device):
-    """The reward model of the recipe on `device`; on CUDA the weights that do not train stored in bf16."""
+def make_model(args, procs):
+    """The recipe's reward model on this rank's device and the module the loop calls (parallel.distribute)."""
     model = build_reward_model(args.backbone, args.head, args.backbone_path, args.blocks, args.taps, args.lora_rank,
                                args.full_finetune, args.seed, args.combine, random_init=args.random_backbone,
-                               lora_alpha=args.lora_alpha).to(device)
+                               lora_alpha=args.lora_alpha).to(procs.device)
     model.tap.grad_ckpt = args.grad_ckpt
-    if device.startswith("cuda") and args.frozen_dtype == "bf16":
+    if procs.device.startswith("cuda") and args.frozen_dtype == "bf16":
         cast_frozen(model, torch.bfloat16)  # bf16 autocast reads them in bf16 anyway
     if args.compile:
         model.tap.compile_blocks()
-    return model
+    return model, distribute(model, procs, args.fsdp, model.tap.blocks)
 
 
 def open_wandb(args):
@@ -363,7 +365,7 @@ def main(args):
         return barrier()
 
     # -------------------------------------------------------------------------- model, optimizer, EMA, resume
-    model = make_model(args, procs.device)
+    model, train_model = make_model(args, procs)  # before the optimizer: FSDP replaces the parameters with their shards
     C = model.tap.config.in_channels  # the cache must hold latents this backbone reads
     train_cache = data.PairCache(train_dir, latent_channels=C)
     eval_cache = data.PairCache(eval_dir, latent_channels=C) if eval_dir else None
@@ -372,6 +374,9 @@ def main(args):
     params = trainable_state(model)
     print0(f"{args.head} on {args.backbone}: {sum(p.numel() for p in params.values()) / 1e6:.3f}M trainable / "
            f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, taps {model.tap.taps}")
+    _, h, w = max((p["shape"] for p in train_cache.pairs), key=lambda s: s[1] * s[2])  # the largest bucket's latents
+    tokens = h * w // model.tap.config.patch_size ** 2 + len(train_cache.pair(0)["prompt_embeds"])  # image + text
+    print0(describe_memory(memory_estimate(model, 2 * micro, tokens, procs.world, args.grad_ckpt, procs.device)))
     opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     ema = {n: p.detach().clone() for n, p in params.items()}
     step, ckpt_path, log_path = 0, os.path.join(args.out, "ckpt.safetensors"), os.path.join(args.out, "log.jsonl")
@@ -382,8 +387,6 @@ def main(args):
         torch.set_rng_state(tensors["rng.torch"])
         step = meta["step"]
         print0(f"resumed from {ckpt_path} at step {step}")
-    device_ids = [torch.cuda.current_device()] if procs.device.startswith("cuda") else None
-    train_model = DDP(model, device_ids=device_ids) if procs.ddp else model
     if master:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "args.json"), "w") as f:
@@ -404,10 +407,9 @@ def main(args):
         gnorm = torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad():  # EMA warmup (as timm's / DiT's): the decay grows to args.ema over the first steps,
-            decay = min(args.ema, (1 + step) / (10 + step))  # so early evaluations are not ~the initial weights
-            for n, p in params.items():
-                ema[n].lerp_(p.detach(), 1 - decay)
+        decay = min(args.ema, (1 + step) / (10 + step))  # EMA warmup (as timm's / DiT's): the decay grows to args.ema
+        for n, p in params.items():  # over the first steps, so early evaluations are not ~the initial weights
+            ema[n].lerp_(p.detach(), 1 - decay)
         step, pairs_seen = step + 1, pairs_seen + n_pairs
         bar.update(1)
         # ---------------------------------------------------------------------- log, evaluate (EMA weights), checkpoint
@@ -422,7 +424,7 @@ def main(args):
             if master:
                 write_metrics(bar, log_path, metrics, wandb)
             clock, pairs_seen = time.time(), 0  # training throughput excludes the evaluation
-        if master and (step % args.ckpt_interval == 0 or step == args.steps):
+        if step % args.ckpt_interval == 0 or step == args.steps:  # every rank: FSDP gathers the shards, rank 0 writes
             meta = dict(args=vars(args), step=step, world_size=procs.world, metrics=metrics)
             align.save_state(ckpt_path, params, ema, opt, meta, prefix="model.", extra={"rng.torch": torch.get_rng_state()})
     bar.close()

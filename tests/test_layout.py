@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
 STAGES = {"train_reward", "eval_reward", "grpo", "step_grpo", "refl", "sample_stepwise", "toy"}
-SHARED = {"model", "data", "align", "released"}
+SHARED = {"model", "data", "align", "released", "parallel"}
 SOURCES = sorted(ROOT.glob("*.py")) + sorted(ROOT.glob("scripts/*.py")) + sorted(ROOT.glob("dev/*.py"))
 
 
@@ -39,6 +39,7 @@ def test_imports_run_one_way():
     for m in STAGES - {"toy"}:
         assert not graph[m] & (STAGES - {"toy"}), f"{m}.py imports another stage: {graph[m] & STAGES}"
     assert graph["model"] == set(), graph["model"]
+    assert graph["parallel"] == set(), graph["parallel"]  # beside model.py at the bottom: torch only
     assert graph["toy"] <= {"model"}, graph["toy"]
     state = {}
 

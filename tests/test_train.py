@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -337,3 +338,82 @@ def test_bench_script_runs_on_cpu():
                        timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "pairs/s" in r.stdout and "images/s" in r.stdout and "TFLOP/pair" in r.stdout
+
+
+def test_route_flops_on_cpu():
+    """scripts/bench_reward.py --route pixel --grpo-step on a CPU, at the real sizes (meta device: no weights, no
+    compute): the FLOPs table of both routes with every part counted and each total the sum of its parts, the GPU
+    figures left to a GPU, and the reward's share of a Flow-GRPO iteration, latent and pixel."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/bench_reward.py"), "--route", "pixel", "--grpo-step"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = re.findall(r"^(latent|pixel) +(.+?) +([\d,]+)$", r.stdout, re.M)
+    for route in ("latent", "pixel"):
+        parts = [int(f.replace(",", "")) for name, part, f in rows if name == route and part != "total"]
+        total = [int(f.replace(",", "")) for name, part, f in rows if name == route and part == "total"]
+        assert len(parts) == (2 if route == "latent" else 3) and all(parts) and abs(sum(parts) - total[0]) <= 2, rows
+    assert "not counted (" not in r.stdout and "no GPU here" in r.stdout and "times the FLOPs" in r.stdout
+    shares = re.findall(r"reward, (latent|pixel) route .* share of the iteration +([\d.]+)%", r.stdout)
+    assert [s for s, _ in shares] == ["latent", "pixel"] and 0 < float(shares[0][1]) < float(shares[1][1]) < 100
+
+
+# ---------------------------------------------------------------------------------------------- FSDP
+
+FSDP_DRIVER = """
+import json, sys
+import torch
+from torch.distributed.tensor import DTensor
+import align, train_reward
+for argv in json.loads(sys.argv[1]):  # the runs, one after another in the same two processes
+    train_reward.main(train_reward.parser.parse_args(argv))
+args = train_reward.resolve_args(train_reward.parser.parse_args(json.loads(sys.argv[2])))
+procs = align.setup_distributed()
+held = {}
+for args.fsdp in (False, True):  # the bytes of parameters this process holds: a replica, or its shards
+    model, _ = train_reward.make_model(args, procs)
+    held[args.fsdp] = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+print(f"rank {procs.rank} holds {held[False]} bytes of parameters under DDP, {held[True]} under FSDP", flush=True)
+align.barrier()
+"""
+
+
+def test_fsdp_equals_ddp_and_one_process(hpdv3, tmp_path):
+    """DRM's full fine-tune under torchrun --nproc_per_node=2 (gloo): with --fsdp the same losses and the same checkpoint
+    (one file of full tensors) as under DDP and in one process; a run stopped at step 2 and resumed gives the
+    uninterrupted run's, resuming across DDP, FSDP (with activation checkpointing) and one process; and a process holds
+    about half the parameter bytes under FSDP that it holds under DDP."""
+    cache = str(tmp_path / "cache")
+    recipe = ["--head", "drm", "--full-finetune", "--micro-batch", "2", "--lr", "3e-3", "--warmup", "1",
+              "--lr-schedule", "constant", "--cache-dir", cache]  # constant lr: a 2-step run is the 4-step run's start
+    a = lambda name, steps, *x: common(hpdv3, tmp_path / name, *recipe, "--steps", str(steps), *x)
+    runs = [a("ddp", 4), a("fsdp", 4, "--fsdp"), a("fsdp-stop", 2, "--fsdp"), a("fsdp-stop", 4, "--fsdp", "--resume"),
+            a("ddp-stop", 2), a("ddp-stop", 4, "--fsdp", "--resume", "--grad-ckpt"), a("to-one", 2, "--fsdp")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-port", "29540", "--no-python",
+           sys.executable, "-c", FSDP_DRIVER, json.dumps(runs), json.dumps(a("held", 4))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # 2 CPU processes (gloo)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "memory per process, DDP (estimate)" in r.stdout and "FSDP over 2 (estimate)" in r.stdout
+    for rank in (0, 1):
+        ddp, fsdp = map(int, re.search(rf"rank {rank} holds (\d+) bytes .* DDP, (\d+) under FSDP", r.stdout).groups())
+        assert 0.45 < fsdp / ddp < 0.55, (rank, ddp, fsdp)
+    run(a("one", 4))  # one process, reading the same cache
+    run(a("to-one", 4, "--resume"))  # FSDP's checkpoint of step 2, continued in one process
+    ref = log(tmp_path / "one")
+    for name in ("ddp", "fsdp", "fsdp-stop", "ddp-stop", "to-one"):
+        lines = log(tmp_path / name)
+        assert [l["step"] for l in lines] == [1, 2, 3, 4], name
+        for x, y in zip(ref, lines):
+            assert x["loss"] == pytest.approx(y["loss"], abs=1e-5) and x["acc"] == y["acc"], name
+            assert x["gnorm"] == pytest.approx(y["gnorm"], rel=1e-4), name
+    w = {n: load_checkpoint(str(tmp_path / n / "ckpt.safetensors"))[0] for n in ("one", "ddp", "fsdp", "fsdp-stop",
+                                                                                 "ddp-stop", "to-one")}
+    for name in ("ddp", "fsdp", "ddp-stop", "to-one"):  # every tensor: weights, EMA, AdamW's moments and step
+        assert set(w[name]) == set(w["one"]), name  # the same tensors in one file, whatever the sharding
+        for k in (k for k in w["one"] if not k.startswith("rng")):
+            torch.testing.assert_close(w[name][k], w["one"][k], atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
+    for k in w["fsdp"]:  # stopped and resumed under FSDP: the uninterrupted FSDP run's tensors, bit for bit
+        if not k.startswith("rng"):
+            torch.testing.assert_close(w["fsdp-stop"][k], w["fsdp"][k], atol=0, rtol=0, msg=k)
+    model, meta = load_reward_model(str(tmp_path / "fsdp"))  # loads without FSDP
+    assert meta["step"] == 4 and meta["args"]["fsdp"] and model.kind == "drm"
