@@ -467,6 +467,29 @@ def normalise_latents(vae, x_all, render_prompts):
     return (z - shift) * scale, stats
 
 
+def generator_step(net, ema, opt, sched, latents, pid, pe, pooled, step, batch, p_uncond, ema_decay, g):
+    """One step of rectified flow on a batch of latents (N,4,16,16) of prompts pid (N,) -> the loss. pe, pooled: each
+    prompt's embeddings, the empty prompt's last (CFG's dropout). Then the EMA of the weights (warmed up)."""
+    idx = torch.randint(len(latents), (batch,), generator=g)
+    x0, c = latents[idx], pid[idx]
+    c = torch.where(torch.rand(len(c), generator=g) < p_uncond, len(pe) - 1, c)  # the empty prompt
+    t = torch.sigmoid(torch.randn(len(c), generator=g))  # logit-normal(0, 1), SD3
+    eps = torch.randn(x0.shape, generator=g)
+    xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    v = net(hidden_states=xt, encoder_hidden_states=pe[c], pooled_projections=pooled[c], timestep=1000 * t).sample
+    loss = F.mse_loss(v, eps - x0)  # rectified flow: v = eps - x0
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        d = min(ema_decay, (1 + step) / (10 + step))
+        for p_ema, p in zip(ema.parameters(), net.parameters()):
+            p_ema.lerp_(p, 1 - d)
+    return loss
+
+
 def train_generator(pipe, latents, render_prompts, train_prompts, args, g):
     """Rectified flow on the renders' latents (SD3's recipe); the EMA of the weights becomes the pipeline's transformer."""
     with torch.no_grad():  # the frozen random CLIP encoders, once per prompt (+ the empty prompt)
@@ -480,23 +503,8 @@ def train_generator(pipe, latents, render_prompts, train_prompts, args, g):
     loss = torch.tensor(float("nan"))
     pbar = tqdm(range(args.gen_steps), desc="generator", leave=False)
     for step in pbar:
-        idx = torch.randint(len(latents), (args.gen_batch,), generator=g)
-        x0, c = latents[idx], pid[idx]
-        c = torch.where(torch.rand(len(c), generator=g) < args.p_uncond, len(train_prompts), c)  # empty prompt
-        t = torch.sigmoid(torch.randn(len(c), generator=g))  # logit-normal(0, 1), SD3
-        eps = torch.randn(x0.shape, generator=g)
-        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
-        v = net(hidden_states=xt, encoder_hidden_states=pe[c], pooled_projections=pooled[c], timestep=1000 * t).sample
-        loss = F.mse_loss(v, eps - x0)  # rectified flow: v = eps - x0
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            d = min(args.ema, (1 + step) / (10 + step))
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p, 1 - d)
+        loss = generator_step(net, ema, opt, sched, latents, pid, pe, pooled, step, args.gen_batch, args.p_uncond,
+                              args.ema, g)
         pbar.set_postfix(loss=f"{loss.item():.4f}")
     pipe.transformer = ema.eval()
     pipe.register_modules(transformer=pipe.transformer)

@@ -18,13 +18,13 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ -> the repository root
 import data  # noqa: E402
 from model import load_pipeline, make_tiny_pipeline  # noqa: E402
-from toy import all_prompts, is_heldout, match_stats, sample_grid, to_tensor, toy_golden_score, warmup_cosine  # noqa: E402
+from toy import (all_prompts, generator_step, is_heldout, match_stats, sample_grid, to_tensor,  # noqa: E402
+                 toy_golden_score, warmup_cosine)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--world", default="out/toy", help="a built world: its VAE and renders are used")
@@ -91,25 +91,8 @@ def main(args):
     g = torch.Generator().manual_seed(args.seed)
     evals = {int(e) for e in args.evals.split(",")} | {args.steps}  # the last step always: its samples make the grid
     t0 = time.time()
-    # toy.train_generator's step, line for line (not shared: this one evaluates along the way; keep the two equal)
-    for step in range(1, args.steps + 1):
-        idx = torch.randint(len(latents), (args.batch,), generator=g)
-        x0, c = latents[idx], pid[idx]
-        c = torch.where(torch.rand(len(c), generator=g) < P_UNCOND, len(train_prompts), c)
-        t = torch.sigmoid(torch.randn(len(c), generator=g))
-        eps = torch.randn(x0.shape, generator=g)
-        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
-        v = net(hidden_states=xt, encoder_hidden_states=pe[c], pooled_projections=pooled[c], timestep=1000 * t).sample
-        loss = F.mse_loss(v, eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            d = min(0.99, step / (9 + step))
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p, 1 - d)
+    for step in range(1, args.steps + 1):  # toy.py's generator step itself (its EMA warm-up counts from step 0)
+        loss = generator_step(net, ema, opt, sched, latents, pid, pe, pooled, step - 1, args.batch, P_UNCOND, 0.99, g)
         if step in evals:
             pipe.transformer = ema.eval()
             images, prompts, fig = evaluate(pipe, train_prompts, heldout_prompts)
