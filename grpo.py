@@ -73,6 +73,7 @@ PRESETS["dina"] = PRESETS["flow-grpo"] | DINA
 PROMPT_ORDER = 0  # seeded(seed, iteration, PROMPT_ORDER): the iteration's prompt order
 WINDOW_START = 1  # seeded(seed, iteration, WINDOW_START): Flow-GRPO-Fast's window start
 REWARD_NOISE = 7  # seeded(seed, iteration, image, REWARD_NOISE): the reward's re-noising of the image
+GROUP_NOISE = 8  # seeded(seed, iteration, group, GROUP_NOISE): a group's shared initial noise (--same-noise)
 
 parser = argparse.ArgumentParser(formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description=__doc__.split("\n\n")[0],
@@ -121,6 +122,8 @@ parser.add_argument("--sde-window-range", type=lambda s: tuple(int(x) for x in s
 parser.add_argument("--timestep-fraction", type=float, default=0.99, help="Flow-GRPO: share of the steps trained, "
                     "from the first: 0.99 trains 9 of 10 (the last is stochastic but untrained); Fast trains its whole "
                     "window")
+parser.add_argument("--same-noise", action="store_true", help="every image of a group starts from the same initial "
+                    "noise, so the group's spread comes from the SDE noise alone, which the policy gradient can credit")
 parser.add_argument("--adv-clip", type=float, default=5.0, help="advantages clipped to +-this")
 parser.add_argument("--global-std", action="store_true",
                     help="normalise by the std of the whole batch, not of the group")
@@ -277,7 +280,11 @@ def rollout(args, run, it, rank, n_local, autocast):
     with torch.no_grad(), autocast:
         for c in range(0, n_local, args.batch):
             gens = [seeded(args.seed, it, i) for i in mine[c:c + args.batch]]
-            z = torch.stack([torch.randn(run.transformer.config.in_channels, *run.shape, generator=g) for g in gens])
+            if args.same_noise:
+                gens0 = [seeded(args.seed, it, i // args.group_size, GROUP_NOISE) for i in mine[c:c + args.batch]]
+            else:
+                gens0 = gens  # image i's initial noise, then its SDE noise, from one stream
+            z = torch.stack([torch.randn(run.transformer.config.in_channels, *run.shape, generator=g) for g in gens0])
             pe, pooled = align.embeds(run.table, prompts[c:c + args.batch], run.device)
             out = sample(run.transformer, z.to(run.device), run.sigmas, pe, pooled, args.cfg, run.neg, args.noise_level,
                          sde, gens, args.sde_type)

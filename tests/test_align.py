@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,20 @@ def test_grpo_dina_recipe_cps_window(world, tmp_path):
     assert len(first["sde_steps"]) == 3 and first["sde_steps"][0] in (0, 1) and first["ratio_dev"] == 0.0
     args = json.loads(json.dumps(model.load_checkpoint(str(out / "ckpt.safetensors"))[1]["args"]))
     assert (args["sde_type"], args["noise_level"], args["cfg"], args["group_size"]) == ("cps", 0.8, 1.0, 2)
+
+
+def test_grpo_same_noise_shares_the_start_not_the_sde_noise(world, tmp_path):
+    """--same-noise: the images of a group start from one initial noise (the groups from different ones) and still part
+    through their own SDE noise, so a group's spread is the SDE noise's alone."""
+    args, _, _ = grpo.resolve_args(grpo_args(world, tmp_path / "s", "--same-noise", "--group-size", "3", "--batch", "4"))
+    run = grpo.build(args, "cpu")
+    ro = grpo.rollout(args, run, 0, 0, 6, nullcontext())
+    start, end = ro.traj[:, 0].flatten(1), ro.latents.flatten(1)
+    assert torch.equal(start[0], start[1]) and torch.equal(start[0], start[2]) and torch.equal(start[3], start[5])
+    assert not torch.equal(start[2], start[3])  # the batch of 4 crosses the groups' border
+    assert (end[0] - end[1]).abs().max() > 1e-3 and (end[3] - end[4]).abs().max() > 1e-3
+    plain = grpo.rollout(grpo.resolve_args(grpo_args(world, tmp_path / "p"))[0], run, 0, 0, 4, nullcontext())
+    assert not torch.equal(plain.traj[0, 0], plain.traj[1, 0])  # without it every image has its own start
 
 
 def test_load_rewards_reads_released_folders(world, tmp_path):
