@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 import released
 from data import read_prompts
-from model import atomic_write, load_checkpoint, sample, save_checkpoint, seeded
+from model import atomic_write, encode_images, load_checkpoint, sample, save_checkpoint, seeded, to_tensor
 from parallel import gathered, shard_like
 
 # -----------------------------------------------------------------------------
@@ -79,9 +79,8 @@ def fill_preset(args, values):
 
 def save_state(path, params, ema, opt, meta, prefix="lora.", extra=None):
     """The trained weights {name: parameter} under `prefix` (model. for a reward, lora. for a policy), their EMA, AdamW's
-    state and any extra tensors in one safetensors file, meta (args, step, ...) as JSON in its header, written
-    atomically (model.save_checkpoint) by rank 0. FSDP shards are gathered whole (parallel.gathered): then every rank
-    calls it."""
+    state and any extra tensors in one safetensors file with meta (args, step, ...) in its header, written by rank 0.
+    FSDP shards are gathered whole (parallel.gathered): then every rank calls it."""
     tensors = {f"{prefix}{n}": p for n, p in params.items()} | {f"ema.{n}": e for n, e in ema.items()}
     for n, p in params.items():
         for k, v in opt.state.get(p, {}).items():
@@ -169,10 +168,8 @@ def optimizer_step(params, opt, ema, ema_decay=0.9, grad_clip=1.0, ddp=False, wh
         torch.distributed.all_reduce(grads)
     if not torch.isfinite(grads).all():
         raise FloatingPointError(f"{where}: non-finite loss or gradient")
-    k = 0
-    for p in params.values():
-        p.grad.copy_(grads[k:k + p.numel()].view_as(p))
-        k += p.numel()
+    for p, g in zip(params.values(), grads.split([p.numel() for p in params.values()])):
+        p.grad.copy_(g.view_as(p))
     gnorm = torch.nn.utils.clip_grad_norm_(params.values(), grad_clip).item()
     opt.step()
     opt.zero_grad(set_to_none=False)
@@ -190,8 +187,7 @@ def start_run(out, resume, params, ema, opt, rank=0, device="cpu"):
     if resume and os.path.isfile(ckpt_path):
         _, meta = load_state(ckpt_path, params, ema, opt, device)
         it, history = meta["iteration"], meta["history"]
-        if rank == 0:
-            print(f"resumed from {ckpt_path} at iteration {it}", flush=True)
+        print0(f"resumed from {ckpt_path} at iteration {it}")
     os.makedirs(out, exist_ok=True)
     if rank == 0:
         truncate_log(log_path, it)
@@ -216,16 +212,16 @@ def truncate_log(path, it, key="iter"):
 
 class Oracle(NamedTuple):
     """A golden judge of decoded images, passed in by a stage (the toy world's: toy_golden_score and match_stats).
-    score(images, prompts) -> (B,) array in [0, 1]; match(images, prompts) -> {color, shape, background, match} rates."""
+    score(images, prompts, parts=False) -> (B,) array in [0, 1]; parts=True: {term: its weighted share (B,)} and score,
+    the terms summing to it. match(images, prompts) -> {color, shape, background, match} rates."""
     score: Callable
     match: Callable
 
 
 def load_rewards(paths, weights, transformer, t=None, device="cpu", oracle=None, normalisation="raw"):
     """The alignment stages' frozen rewards: train_reward.py checkpoints (EMA weights) or released DiNa-LRM folders,
-    checked against the generator they judge (its latent channels and prompt-embedding widths), or "oracle" (the toy's
-    golden oracle, decoded; the ceiling: needs `oracle`, an Oracle). normalisation: what the latent rewards return
-    (model.SCORE_NORMALISATIONS).
+    checked against the generator they judge, or "oracle" (the toy's golden oracle, decoded; the ceiling: needs
+    `oracle`, an Oracle). normalisation: what the latent rewards return (model.SCORE_NORMALISATIONS).
     -> [dict(name, model (None: oracle), oracle, t: the noise level it reads (its checkpoint's t_eval unless t), weight,
     text_len, t_range: the noise levels it was trained on, (t*, t*) for --t-sampling fixed)]."""
     out = []
@@ -249,8 +245,7 @@ def load_rewards(paths, weights, transformer, t=None, device="cpu", oracle=None,
                         t_range=t_range))
     lens = {r["text_len"] for r in out} - {None}
     if len(lens) > 1:
-        raise ValueError(f"the rewards read prompts of different lengths {sorted(lens)}; they must share the "
-                         "embeddings")
+        raise ValueError(f"the rewards read prompts of different lengths {sorted(lens)}; they must share embeddings")
     return out
 
 
@@ -288,8 +283,7 @@ def check_dense(rewards, levels, flag="--reward"):
         bad = [t for t in levels if not lo - 1e-6 <= t <= hi + 1e-6]
         if bad:
             raise ValueError(f"{flag} {r['name']}: trained at t in [{lo}, {hi}], it cannot score the noise level "
-                             f"{bad[0]:.4f} of this schedule (choose a --steps-window inside, or a reward trained "
-                             "there)")
+                             f"{bad[0]:.4f} of this schedule (choose a --steps-window inside, or another reward)")
 
 
 @torch.no_grad()
@@ -304,46 +298,49 @@ EVAL_SEED = 4242  # the evaluation's noise stream: seeded(EVAL_SEED, image k of 
 PROXY_NOISE = 10 ** 9  # the evaluation proxy's re-noising stream: seeded(seed, PROXY_NOISE, image)
 
 
+def judge_images(oracle, images, prompts):
+    """An Oracle's verdict on decoded images -> dict(golden: the mean score, golden_all: each image's, terms: {term: its
+    mean weighted share}, summing to golden, color / shape / background / match: prompt-match rates)."""
+    parts = oracle.score(images, prompts, parts=True)
+    stats = oracle.match(images, prompts)
+    terms = {k: float(v.mean()) for k, v in parts.items() if k != "score"}
+    return dict(golden=float(parts["score"].mean()), golden_all=parts["score"].tolist(), terms=terms,
+                **{k: stats[k] for k in ("color", "shape", "background", "match")})
+
+
 @torch.no_grad()
-def evaluate_policy(transformer, table, splits, seeds, sigmas, cfg, reward_fn, shape, vae=None, oracle=None, batch=64):
-    """The alignment stages' evaluation (docs/design.md §10): ODE samples of fixed prompts and seeds (image k of a
-    prompt always starts from the noise seeded(EVAL_SEED, k, its index in the split)); the proxy reward; with an
-    Oracle (the toy's) its golden score of the decoded images and its prompt-match rates.
-    splits {name: prompts}; seeds {name: images per prompt}; reward_fn(latents, prompts) -> (B,); shape: the latent's
-    (h, w) -> {name: dict(reward, golden, color, shape, background, golden_all)}, {name: first-seed PIL images}."""
-    dev = next(transformer.parameters()).device
+def evaluate_ema(run, args, reward_fn, autocast, batch=64):
+    """A stage's fixed evaluation (docs/design.md §10) of its EMA weights: ODE samples of run.splits, image k of a
+    prompt from seeded(EVAL_SEED, k, the prompt's index). reward_fn(latents, prompts) -> (B,), the proxy, reads their
+    latents and (latent rewards only) the VAE re-encodings of their decoded images, batch by batch: the same noise.
+    -> ({split: dict(reward, reward_reencoded, judge_images's verdict with an Oracle)}, {split: first-seed images})."""
+    seeds = dict(train=args.eval_seeds, heldout=args.heldout_seeds)
+    latent = all(r["model"] is not None for r in run.rewards)  # the oracle reads pixels: nothing to round-trip
     report, images = {}, {}
-    for name, prompts in splits.items():
+    swap_weights(run.params, run.ema)
+    for name, prompts in run.splits.items():
         items = [(p, i, k) for k in range(seeds[name]) for i, p in enumerate(prompts)]
-        z, r = [], []
+        r, again, pil = [], [], []
         for c in range(0, len(items), batch):
             chunk = items[c:c + batch]
-            noise = torch.stack([torch.randn(transformer.config.in_channels, *shape, generator=seeded(EVAL_SEED, k, i))
-                                 for _, i, k in chunk]).to(dev)
-            pe, pooled = embeds(table, [p for p, _, _ in chunk], dev)
-            lat = sample(transformer, noise, sigmas, pe, pooled, cfg, embeds(table, [""], dev))["latents"]
-            r.append(reward_fn(lat, [p for p, _, _ in chunk]).float().cpu())
-            z.append(lat.cpu())
-        z = torch.cat(z)
+            names = [p for p, _, _ in chunk]
+            noise = torch.stack([torch.randn(run.transformer.config.in_channels, *run.shape,
+                                             generator=seeded(EVAL_SEED, k, i)) for _, i, k in chunk]).to(run.device)
+            pe, pooled = embeds(run.table, names, run.device)
+            with autocast:
+                lat = sample(run.transformer, noise, run.eval_sigmas, pe, pooled, args.eval_cfg,
+                             embeds(run.table, [""], run.device))["latents"]
+                r.append(reward_fn(lat, names).float().cpu())
+                decoded = decode_latents(run.vae, lat)
+                if latent:
+                    again.append(reward_fn(encode_images(run.vae, to_tensor(decoded)), names).float().cpu())
+            pil += decoded
         report[name] = dict(reward=torch.cat(r).mean().item())
-        if vae is not None:
-            pil = [im for c in range(0, len(z), batch) for im in decode_latents(vae, z[c:c + batch].to(dev))]
-            images[name] = pil[:len(prompts)]
-        if oracle:
-            golden = oracle.score(pil, [p for p, _, _ in items])
-            stats = oracle.match(pil, [p for p, _, _ in items])
-            report[name].update(golden=float(golden.mean()), golden_all=golden.tolist(),
-                                **{k: stats[k] for k in ("color", "shape", "background", "match")})
-    return report, images
-
-def evaluate_ema(run, args, proxy, autocast):
-    """A stage's fixed evaluation of its EMA weights (swapped in, then back): evaluate_policy with the stage's run (its
-    transformer, prompt table, splits, sigmas, VAE and oracle) and proxy -> ({split: metrics}, {split: images})."""
-    seeds = dict(train=args.eval_seeds, heldout=args.heldout_seeds)
-    swap_weights(run.params, run.ema)
-    with autocast:
-        report, images = evaluate_policy(run.transformer, run.table, run.splits, seeds, run.eval_sigmas, args.eval_cfg,
-                                         proxy, run.shape, run.vae, run.oracle)
+        if again:
+            report[name]["reward_reencoded"] = torch.cat(again).mean().item()
+        if run.oracle:
+            report[name].update(judge_images(run.oracle, pil, [p for p, _, _ in items]))
+        images[name] = pil[:len(prompts)]
     swap_weights(run.params, run.ema)
     return report, images
 
@@ -396,40 +393,52 @@ def describe_eval(evaluation):
     for split, m in evaluation.items():
         if split == "iter":
             continue
+        again = f" (re-encoded {m['reward_reencoded']:.4f})" if "reward_reencoded" in m else ""
         golden = f" golden {m['golden']:.4f} (color {m['color']:.2f} shape {m['shape']:.2f})" if "golden" in m else ""
-        parts.append(f"{split}: proxy {m['reward']:.4f}{golden}")
+        parts.append(f"{split}: proxy {m['reward']:.4f}{again}{golden}")
     return " | ".join(parts)
 
 
-def alignment_report(out, history, seconds, after_images=None):
-    """An alignment stage's summary.json (docs/design.md §10) from its evaluations (history[0] before training, [-1]
-    after; each {split: {reward, golden, golden_all, colour/shape/background match}}), curves.png (proxy and golden vs
-    iteration) and grid.png (out/before.png above, the after images below) -> (summary, one line per split).
-    golden_se: the standard error of the paired (same prompt and seed) golden difference over the split's images."""
+def compare(split, a, b):
+    """A split's evaluations before (a) and after (b) training -> (its summary.json keys, its final line). golden_se:
+    the standard error of the paired (same prompt and seed) golden difference over the split's images."""
+    summary = {}
+    for when, m in (("before", a), ("after", b)):
+        summary.update({f"{k}_{when}_{split}": v for k, v in m.items() if k not in ("golden_all", "terms")})
+        summary.update({f"golden_{k}_{when}_{split}": v for k, v in m.get("terms", {}).items()})
+    line = f"{split}: proxy {a['reward']:.4f} -> {b['reward']:.4f}"
+    if "reward_reencoded" in a:
+        line += f" (re-encoded {a['reward_reencoded']:.4f} -> {b['reward_reencoded']:.4f})"
+    if "golden" in a:
+        d = np.array(b["golden_all"]) - np.array(a["golden_all"])
+        se = float(d.std(ddof=1) / np.sqrt(len(d)))
+        summary[f"golden_se_{split}"] = se
+        terms = " ".join(f"{k} {b['terms'][k] - v:+.4f}" for k, v in a.get("terms", {}).items())
+        line += (f", golden {a['golden']:.4f} -> {b['golden']:.4f} ({b['golden'] - a['golden']:+.4f} +- {se:.4f}; "
+                 f"{terms}), colour match {a['color']:.2f} -> {b['color']:.2f}, "
+                 f"shape match {a['shape']:.2f} -> {b['shape']:.2f}")
+    return summary, line
+
+
+def finish(out, history, after_images, unit="iterations"):
+    """The end of a run (its LoRA exported to <out>/lora), from its evaluations (history[0] before training, [-1]
+    after): the final lines, summary.json (compare's keys, the training split's also unsuffixed), curves.png and
+    grid.png (out/before.png above the after images)."""
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     first, last = history[0], history[-1]
-    summary, lines = dict(iterations=last["iter"], seconds=seconds), []
-    for s in (s for s in first if s != "iter"):
-        a, b = first[s], last[s]
-        summary.update({f"reward_before_{s}": a["reward"], f"reward_after_{s}": b["reward"]})
-        line = f"{s}: proxy {a['reward']:.4f} -> {b['reward']:.4f}"
-        if "golden" in a:
-            d = np.array(b["golden_all"]) - np.array(a["golden_all"])
-            se = float(d.std(ddof=1) / np.sqrt(len(d)))
-            summary.update({f"golden_before_{s}": a["golden"], f"golden_after_{s}": b["golden"], f"golden_se_{s}": se})
-            for w, h in (("before", a), ("after", b)):
-                summary.update({f"{k}_{w}_{s}": h[k] for k in ("color", "shape", "background")})
-            line += (f", golden {a['golden']:.4f} -> {b['golden']:.4f} ({b['golden'] - a['golden']:+.4f} +- {se:.4f}), "
-                     f"colour match {a['color']:.2f} -> {b['color']:.2f}, "
-                     f"shape match {a['shape']:.2f} -> {b['shape']:.2f}")
-        lines.append(line)
+    splits = [s for s in first if s != "iter"]
+    summary = dict(iterations=last["iter"], seconds=sum(sum(r["seconds"].values()) for r in log))
+    for s in splits:
+        keys, line = compare(s, first[s], last[s])
+        summary.update(keys)
+        print(f"final ({summary['iterations']} {unit}, {summary['seconds']:.0f} s of training): {line}", flush=True)
     for k in ("golden_before", "golden_after", "golden_se", "reward_before", "reward_after"):  # the training split's
         if f"{k}_train" in summary:
             summary[k] = summary[f"{k}_train"]
     atomic_write(os.path.join(out, "summary.json"), lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=1)))
-    splits = [s for s in first if s != "iter"]
     save_curves(os.path.join(out, "curves.png"), [(f"{k} (EMA policy, fixed seeds)", "iteration", {
-        s: ([h["iter"] for h in history], [h[s][k] for h in history]) for s in splits}) for k in ("reward", "golden")
-        if k in first["train"]])
+        s: ([h["iter"] for h in history], [h[s][k] for h in history]) for s in splits})
+        for k in ("reward", "reward_reencoded", "golden") if k in first["train"]])
     if after_images:
         before = Image.open(os.path.join(out, "before.png"))
         after = image_grid([im[:12] for im in after_images.values()])
@@ -437,14 +446,4 @@ def alignment_report(out, history, seconds, after_images=None):
         grid.paste(before, (0, 0))
         grid.paste(after, (0, before.height + 8))
         grid.save(os.path.join(out, "grid.png"))
-    return summary, lines
-
-
-def finish(out, history, after_images, unit="iterations"):
-    """The end of a run, after the stage exported its LoRA to <out>/lora: summary.json, curves.png, grid.png
-    (alignment_report; the seconds of training summed from log.jsonl), the final lines printed."""
-    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    summary, lines = alignment_report(out, history, sum(sum(r["seconds"].values()) for r in log), after_images)
-    for line in lines:
-        print(f"final ({summary['iterations']} {unit}, {summary['seconds']:.0f} s of training): {line}", flush=True)
     print(f"aligned LoRA: {os.path.join(out, 'lora')} (pipe.load_lora_weights); summary {out}/summary.json", flush=True)

@@ -33,6 +33,7 @@ import math
 import os
 import tempfile
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -183,27 +184,36 @@ def load_transformer(backbone, path=None, seed=0, dtype=torch.float32, random_in
     return SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
 
 
+def to_tensor(images):
+    """PIL list -> (N,3,H,W) float in [-1, 1]."""
+    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+@torch.no_grad()
+def encode_images(vae, x):
+    """Images (B,3,H,W) in [-1,1] -> normalised latents (B,C,H/f,W/f), (z - shift) * scale, float32 on the VAE's device;
+    z is the posterior mean (deterministic); f = the VAE's downsampling (8 for SD3.5, 4 tiny, 2 toy)."""
+    z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean.float()
+    return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
 @torch.no_grad()
 def make_encoders(pipe, device="cpu", max_text_len=77):
     """Wrap a pipeline as the two callables the cache builder needs.
-    encode_images: (B,3,H,W) in [-1,1] -> normalised latents (B,C,H/f,W/f), (z - shift) * scale; f = the VAE's
-    downsampling (8 for SD3.5, 4 tiny, 2 toy).
+    encode: (B,3,H,W) in [-1,1] -> normalised latents on the CPU (encode_images).
     encode_prompts: list[str] -> prompt_embeds (B, L + max_text_len, D), pooled (B, P); L = the tokenizer's
     model_max_length (77 for CLIP; 16 for the tiny/toy word tokenizer)."""
     vae = pipe.vae.to(device)
-    shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
 
-    @torch.no_grad()
-    def encode_images(x):
-        z = vae.encode(x.to(device, vae.dtype)).latent_dist.mean  # the posterior mean: deterministic cache
-        return ((z - shift) * scale).float().cpu()
+    def encode(x):
+        return encode_images(vae, x).cpu()
 
     @torch.no_grad()
     def encode_prompts(prompts):
         pe, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, device=device,
                                               do_classifier_free_guidance=False, max_sequence_length=max_text_len)
         return pe.float().cpu(), pooled.float().cpu()
-    return encode_images, encode_prompts
+    return encode, encode_prompts
 
 # -----------------------------------------------------------------------------
 # The tap

@@ -37,7 +37,7 @@ from tqdm import tqdm
 import align
 import toy
 import data
-from model import SCORE_NORMALISATIONS, load_pipeline, sample, sd3_sigmas, seeded, velocity, x0_hat
+from model import SCORE_NORMALISATIONS, encode_images, load_pipeline, sample, sd3_sigmas, seeded, velocity, x0_hat
 
 # -----------------------------------------------------------------------------
 # Presets: the values of the flags left at None, by backbone
@@ -159,7 +159,7 @@ def flow_matching_loss(transformer, x0, prompt_embeds, pooled, generator):
     return ((v - (eps - x0)) ** 2).mean(dim=(1, 2, 3))
 
 
-def real_latents(args, pipe, table, prompts, device):
+def real_latents(args, pipe, table, prompts):
     """-> (latents (N,C,h,w), prompt embeds (N,L,D), pooled (N,P)) for L_fm: a reward cache's images (with its own
     prompt embeddings), or on the toy fresh renders of the training prompts encoded once by the VAE."""
     if args.fm_data:
@@ -174,9 +174,7 @@ def real_latents(args, pipe, table, prompts, device):
     rng = np.random.default_rng(args.seed)
     names = [p for p in prompts for _ in range(16)]
     images = [toy.render_toy(*toy.parse_toy_prompt(p), rng) for p in names]
-    with torch.no_grad():
-        z = pipe.vae.encode(toy.to_tensor(images).to(device, pipe.vae.dtype)).latent_dist.mean
-    lat = (z.float() - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
+    lat = encode_images(pipe.vae, toy.to_tensor(images))
     return (lat.cpu(), *align.embeds(table, names))
 
 
@@ -214,7 +212,7 @@ def build(args, device):
                                  normalisation=args.score_normalisation)
     text_len = next(r["text_len"] for r in rewards)
     table = align.encode_prompt_table(pipe, train_prompts + [p for s in splits.values() for p in s], text_len, device)
-    fm = real_latents(args, pipe, table, train_prompts, device) if args.fm_weight > 0 else None
+    fm = real_latents(args, pipe, table, train_prompts) if args.fm_weight > 0 else None
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # never called again
     shape = (args.resolution // pipe.vae_scale_factor,) * 2
     params = align.add_policy_lora(transformer, args.lora_rank, args.lora_alpha, seed=args.seed)

@@ -17,8 +17,10 @@ reward, and on the toy the golden oracle) -> the FLOPs of one step -> the files 
 
 Writes <out>/images/k<k>/<prompt>_<seed>.png (decoded once, at the end), <out>/grid.png (k = 1 above the largest k,
 same prompts and seeds), <out>/table.md and <out>/results.json: per k, seconds per image, the proxy reward of the final
-latents, on the toy the golden oracle (its paired gain over k = 1 with its standard error) and prompt-match rates, and
-the diversity (mean pairwise RMS pixel distance between the images of one prompt). Also a row "ode": the ODE sampler.
+latents and of the VAE re-encodings of their decoded images (the same re-noising: a gain only on the latents is latent
+hacking), on the toy the golden oracle (its paired gain over k = 1 with its standard error, and by weighted term) and
+prompt-match rates, and the diversity (mean pairwise RMS pixel distance between the images of one prompt). Also a row
+"ode": the ODE sampler.
 The flags left alone take a preset's values (PRESETS below, printed at start): the toy's on the toy and tiny backbones,
 else DRM's.
 
@@ -42,7 +44,7 @@ import align
 import data
 import toy
 from model import SCORE_NORMALISATIONS, SDE_STEPS, load_pipeline, sample, sd3_sigmas, sde_children, seeded, velocity
-from model import x0_hat
+from model import encode_images, to_tensor, x0_hat
 
 # -----------------------------------------------------------------------------
 # Presets: the values of the flags left at None, by backbone
@@ -236,24 +238,27 @@ def sample_all(args, run, k):
 
 
 def judge(args, run, lat, kept):
-    """The final latents (N,C,h,w): the proxy (the rewards at their t_eval, re-noised by the stream align.PROXY_NOISE),
-    the decoded images' diversity, the kept rewards per step, on the toy the golden oracle -> (metrics, images)."""
+    """The final latents (N,C,h,w): the proxy (the rewards at their t_eval, re-noised by the stream align.PROXY_NOISE)
+    of the latents and, with the same noise, of the VAE re-encodings of their decoded images (a gain only in the first
+    is latent hacking); the images' diversity, the kept rewards per step, on the toy the golden oracle's verdict with
+    its terms (align.judge_images) -> (metrics, images)."""
     prompts = [p for p, _, _ in run.items]
-    proxy = []
+    proxy, again, pil = [], [], []
     for c in range(0, len(lat), args.batch):
-        chunk = lat[c:c + args.batch]
+        chunk, names = lat[c:c + args.batch], prompts[c:c + args.batch]
         keys = [(args.seed, align.PROXY_NOISE, c + j) for j in range(len(chunk))]
-        r = align.score_rewards(run.rewards, chunk, prompts[c:c + args.batch], run.table, keys)
+        r = align.score_rewards(run.rewards, chunk, names, run.table, keys)
         proxy.append((run.weights * r).sum(0).cpu())
-    pil = [im for c in range(0, len(lat), args.batch) for im in align.decode_latents(run.vae, lat[c:c + args.batch])]
-    res = dict(proxy=torch.cat(proxy).mean().item(), diversity=diversity(pil, [i for _, i, _ in run.items]))
+        decoded = align.decode_latents(run.vae, chunk)
+        r = align.score_rewards(run.rewards, encode_images(run.vae, to_tensor(decoded)), names, run.table, keys)
+        again.append((run.weights * r).sum(0).cpu())
+        pil += decoded
+    res = dict(proxy=torch.cat(proxy).mean().item(), proxy_reencoded=torch.cat(again).mean().item(),
+               diversity=diversity(pil, [i for _, i, _ in run.items]))
     if kept.numel():
         res["kept_reward_per_step"] = kept.nanmean(0).tolist()
     if run.oracle:
-        golden = run.oracle.score(pil, prompts)
-        stats = run.oracle.match(pil, prompts)
-        res.update(golden=float(golden.mean()), golden_all=golden.tolist(),
-                   **{m: stats[m] for m in ("color", "shape", "background")})
+        res.update(align.judge_images(run.oracle, pil, prompts))
     return res, pil
 
 
@@ -271,7 +276,7 @@ def main(args):
         seconds = (time.time() - t0) / len(run.items)
         res, pil = judge(args, run, lat, kept)
         results[str(k)], images[str(k)] = dict(seconds_per_image=seconds, **res), pil
-        print(f"k {k}: {seconds:.3f} s/image, proxy {res['proxy']:.4f}" +
+        print(f"k {k}: {seconds:.3f} s/image, proxy {res['proxy']:.4f} (re-encoded {res['proxy_reencoded']:.4f})" +
               (f", golden {res['golden']:.4f}" if run.oracle else ""), flush=True)
 
     # ---------------------------------------------------------------------------- FLOPs of one step, the files
@@ -295,8 +300,8 @@ def write_outputs(args, items, results, images, gen_flops, rew_flops, oracle):
                       [images[big][j] for j in first]], labels=(f"k={min(args.k)}", f"k={big}")).save(
         os.path.join(args.out, "grid.png"))
     base = results.get("1")
-    lines = ["| k | s / image | cost vs k=1 (FLOPs) | proxy | golden | gain over k=1 | colour | shape | background | "
-             "diversity |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| k | s / image | cost vs k=1 (FLOPs) | proxy | proxy re-encoded | golden | gain over k=1 (by term) | "
+             "colour | shape | background | diversity |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, r in results.items():
         cost = ""  # a step of k successors: one generator forward and k reward forwards (k = 1: no reward call)
         if k != "ode":
@@ -306,10 +311,13 @@ def write_outputs(args, items, results, images, gen_flops, rew_flops, oracle):
         if oracle and base is not None:
             d = np.array(r["golden_all"]) - np.array(base["golden_all"])
             r["gain"], r["gain_se"] = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
-            gain = f"{r['gain']:+.4f} +- {r['gain_se']:.4f}"
+            r["gain_terms"] = {t: v - base["terms"][t] for t, v in r["terms"].items()}
+            terms = " ".join(f"{t} {v:+.4f}" for t, v in r["gain_terms"].items())
+            gain = f"{r['gain']:+.4f} +- {r['gain_se']:.4f} ({terms})"
         g = (f"{r['golden']:.4f} | {gain} | {r['color']:.2f} | {r['shape']:.2f} | {r['background']:.2f}" if oracle
              else " | | | | ")
-        lines.append(f"| {k} | {r['seconds_per_image']:.3f} | {cost} | {r['proxy']:.4f} | {g} | {r['diversity']:.4f} |")
+        lines.append(f"| {k} | {r['seconds_per_image']:.3f} | {cost} | {r['proxy']:.4f} | {r['proxy_reencoded']:.4f} | "
+                     f"{g} | {r['diversity']:.4f} |")
     lines.append(f"\nFLOPs per image and step: generator forward {gen_flops / 1e6:.1f} M (CFG {args.cfg}), "
                  f"reward forward {rew_flops / 1e6:.1f} M per successor; {len(items)} images, {args.steps} steps, "
                  f"window {args.steps_window}, --select {args.select}, --score {args.score}, seed {args.seed}")

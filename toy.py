@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model import make_tiny_pipeline
+from model import make_tiny_pipeline, to_tensor
 
 
 # ----------------------------------------------------------------------------- the world: prompts, renderer, corruptions, oracle, annotators
@@ -246,11 +246,6 @@ HEADROOM_SEED_OFFSET = 2_000_003  # the headroom report samples from seeds args.
 def warmup_cosine(step, warmup, total):
     """lr factor: linear warmup over `warmup` steps, then cosine decay to 0 at `total` (VAE and generator)."""
     return min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / total))
-
-
-def to_tensor(images):
-    """PIL list -> (N,3,H,W) float in [-1, 1]."""
-    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
 
 
 def all_prompts():

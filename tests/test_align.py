@@ -4,6 +4,7 @@ diffusers, no decode or text encoding in the loop, exact resume, 1 vs 2 processe
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -231,15 +232,17 @@ def test_load_rewards_reads_released_folders(world, tmp_path):
 
 
 def test_no_decode_or_text_encoding_in_the_loop(world, tmp_path, monkeypatch):
-    """The VAE and the text encoders raise outside the one prompt encoding and the evaluations (GRPO and ReFL)."""
+    """The VAE and the text encoders raise outside the one prompt encoding and the evaluations (GRPO and ReFL); the
+    evaluations do decode and re-encode (the round trip), so the guard is live."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModelWithProjection
-    allowed, calls = {"on": False}, {"encode": 0}
+    allowed, calls = {"on": False}, {"encode": 0, "decode": 0, "AutoencoderKL.encode": 0}
 
     def guard(real):
         def wrapped(*a, **k):
             if not allowed["on"]:
                 raise AssertionError(f"{real.__qualname__} called in the training loop")
+            calls[real.__qualname__] = calls.get(real.__qualname__, 0) + 1
             return real(*a, **k)
         return wrapped
 
@@ -256,11 +259,65 @@ def test_no_decode_or_text_encoding_in_the_loop(world, tmp_path, monkeypatch):
     monkeypatch.setattr(AutoencoderKL, "decode", guard(AutoencoderKL.decode))
     monkeypatch.setattr(AutoencoderKL, "encode", guard(AutoencoderKL.encode))
     monkeypatch.setattr(CLIPTextModelWithProjection, "forward", guard(CLIPTextModelWithProjection.forward))
-    monkeypatch.setattr(align, "evaluate_policy", allow(align.evaluate_policy))  # both stages call them through align
+    monkeypatch.setattr(align, "evaluate_ema", allow(align.evaluate_ema))  # both stages call them through align
     monkeypatch.setattr(align, "encode_prompt_table", allow(align.encode_prompt_table, "encode"))
     grpo.main(grpo_args(world, tmp_path / "g"))
     refl.main(refl_args(world, tmp_path / "r"))
     assert calls["encode"] == 2  # once per run
+    assert calls["AutoencoderKL.encode"] == calls["AutoencoderKL.decode"] == 2 * 2 * 2  # runs x evaluations x splits
+
+
+def test_evaluation_round_trip_and_golden_terms(world, tmp_path, monkeypatch, capsys):
+    """Every stage's evaluation (align.evaluate_ema), per split: the proxy of the VAE re-encodings of the decoded images,
+    re-noised as the proxy of the latents (for the base policy it equals the reward of encode(decode(latents)) computed
+    here by hand), and the oracle's weighted terms, which sum to the golden score; with the oracle as the reward there
+    is no round trip to report, and the proxy is the golden score."""
+    import toy
+    oracle = align.Oracle(toy.toy_golden_score, toy.match_stats)
+    real_build, built = grpo.build, {}
+
+    def build_with_oracle(args, device):  # the tiny backbone has no oracle of its own: lend it the toy's
+        built["run"] = real_build(args, device)._replace(oracle=oracle)
+        return built["run"]
+    monkeypatch.setattr(grpo, "build", build_with_oracle)
+    args = grpo_args(world, tmp_path / "g", "--heldout-seeds", "2")
+    grpo.main(args)
+    summary = json.loads((tmp_path / "g/summary.json").read_text())
+    printed = capsys.readouterr().out
+    for s in ("train", "heldout"):
+        for when in ("before", "after"):
+            terms = [summary[f"golden_{t}_{when}_{s}"] for t in ("color", "shape", "background", "quality")]
+            assert sum(terms) == pytest.approx(summary[f"golden_{when}_{s}"], abs=1e-6)
+            assert abs(summary[f"reward_reencoded_{when}_{s}"] - summary[f"reward_{when}_{s}"]) > 1e-3
+        line = re.search(rf"final \(2 iterations.*: {s}: proxy (\S+) -> (\S+) \(re-encoded (\S+) -> (\S+)\), golden .* "
+                         r"\(\S+ \+- \S+; color (\S+) shape \S+ background \S+ quality \S+\), colour match", printed)
+        assert line, printed
+        assert float(line[3]) == pytest.approx(summary[f"reward_reencoded_before_{s}"], abs=1e-4)
+        gain = summary[f"golden_color_after_{s}"] - summary[f"golden_color_before_{s}"]
+        assert float(line[5]) == pytest.approx(gain, abs=1e-4)
+    # the base policy's round trip by hand: ODE samples, 8-bit pixels, the VAE's posterior mean, the same noise
+    pipe = make_tiny_pipeline(0)
+    reward, _ = model.load_reward_model(str(world / "reward"))
+    table = align.encode_prompt_table(pipe, PROMPTS, 8)
+    pe, pooled = align.embeds(table, PROMPTS)
+    noise = torch.stack([torch.randn(4, 8, 8, generator=seeded(align.EVAL_SEED, 0, i)) for i in range(3)])
+    eps = torch.stack([torch.randn(4, 8, 8, generator=seeded(0, align.PROXY_NOISE, i)) for i in range(3)])
+    vae, shift = pipe.vae, pipe.scheduler.config.get("shift", 3.0)
+    with torch.no_grad():
+        lat = sample(pipe.transformer, noise, sd3_sigmas(3, shift), pe, pooled, 4.5, align.embeds(table, [""]))["latents"]
+        pixels = ((vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor).sample.clamp(-1, 1) + 1)
+                  * 127.5).round()
+        again = (vae.encode(pixels / 127.5 - 1).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        want = reward.score(lat, pe, pooled, t=0.1, noise=eps).mean().item()
+        want_again = reward.score(again, pe, pooled, t=0.1, noise=eps).mean().item()
+    assert summary["reward_before_train"] == pytest.approx(want, rel=1e-6, abs=1e-6)
+    assert summary["reward_reencoded_before_train"] == pytest.approx(want_again, rel=1e-6, abs=1e-6)
+    # the oracle as the reward: its proxy already reads the decoded images
+    run = built["run"]._replace(rewards=align.load_rewards(["oracle"], [1.0], pipe.transformer, oracle=oracle))
+    report, _ = align.evaluate_ema(run, args, lambda lat, prompts: grpo.proxy(args, run, lat, prompts), nullcontext())
+    for s in ("train", "heldout"):
+        assert "reward_reencoded" not in report[s]
+        assert report[s]["reward"] == pytest.approx(report[s]["golden"], abs=1e-6)
 
 
 def test_refl_control_still_reports_the_proxy(world, tmp_path):
@@ -271,6 +328,7 @@ def test_refl_control_still_reports_the_proxy(world, tmp_path):
     assert w0["reward_before_train"] != 0
     assert w0["reward_before_train"] == pytest.approx(w1["reward_before_train"], rel=1e-6)
     assert w0["reward_before_heldout"] == pytest.approx(w1["reward_before_heldout"], rel=1e-6)
+    assert w0["reward_reencoded_before_train"] == pytest.approx(w1["reward_reencoded_before_train"], rel=1e-6)
 
 
 def refl_args(w, out, *extra):
@@ -433,7 +491,7 @@ def test_stepwise_k1_is_the_sde_sampler_and_one_forward_per_step():
     assert torch.equal(got.mean((1, 2, 3)), -scored[-1][1].max(1).values)  # the final latents: the last argmax
 
 
-def test_sample_stepwise_stage_and_bad_input(world, tmp_path):
+def test_sample_stepwise_stage_and_bad_input(world, tmp_path, monkeypatch):
     def run(*extra):
         return sample_stepwise.main(sample_stepwise.parser.parse_args([
             "--backbone", "tiny", "--reward", str(world / "reward"), "--prompts", str(world / "train.txt"),
@@ -442,6 +500,16 @@ def test_sample_stepwise_stage_and_bad_input(world, tmp_path):
     res = json.loads((tmp_path / "s/results.json").read_text())["results"]
     assert set(res) == {"ode", "1", "2"} and len(res["2"]["kept_reward_per_step"]) == 3
     assert res["2"]["proxy"] != res["1"]["proxy"] and "generator forward" in (tmp_path / "s/table.md").read_text()
+    assert all(abs(r["proxy_reencoded"] - r["proxy"]) > 1e-3 for r in res.values())  # the VAE round trip moves them
+    import toy  # with the toy's oracle lent to the tiny backbone: the golden gain over k = 1 by term sums to the gain
+    real_build = sample_stepwise.build
+    monkeypatch.setattr(sample_stepwise, "build", lambda a: real_build(a)._replace(
+        oracle=align.Oracle(toy.toy_golden_score, toy.match_stats)))
+    run("--k", "1", "2")
+    monkeypatch.setattr(sample_stepwise, "build", real_build)
+    res = json.loads((tmp_path / "s/results.json").read_text())["results"]
+    assert sum(res["2"]["gain_terms"].values()) == pytest.approx(res["2"]["gain"], abs=1e-6)
+    assert set(res["2"]["terms"]) == {"color", "shape", "background", "quality"}
     assert len(list((tmp_path / "s/images/k2").glob("*.png"))) == 6 and (tmp_path / "s/grid.png").is_file()
     with pytest.raises(ValueError, match="--k 0: every k must be >= 1"):
         run("--k", "0", "2")
@@ -483,7 +551,7 @@ def test_step_grpo_first_ratio_one_and_shared_forward(world, tmp_path, monkeypat
     step_grpo.main(step_args(world, tmp_path / "k3b", "--k", "3"))
     assert log(tmp_path / "k3b")[1]["kl"] > 0 and (tmp_path / "k3b/lora/pytorch_lora_weights.safetensors").is_file()
     summary = json.loads((tmp_path / "k3b/summary.json").read_text())
-    assert {"reward_before", "reward_after", "seconds", "iterations"} <= set(summary)
+    assert {"reward_before", "reward_after", "seconds", "iterations", "reward_reencoded_after_heldout"} <= set(summary)
     with pytest.raises(ValueError, match="--k 0"):
         step_grpo.main(step_args(world, tmp_path / "bad", "--k", "0"))
     with pytest.raises(ValueError, match="--train-steps 2,6 is outside the 4-step schedule"):
