@@ -1,106 +1,68 @@
 """
-How much signal one Flow-GRPO iteration's gradient holds: the cosine between the policy gradients of independent
-batches (same policy, fresh prompts and noise), and from it the number of images a gradient needs before its signal
-equals its noise. If g_b = g + noise_b with E|noise_b|^2 = s^2 / n for batches of n images, then
-E cos(g_1, g_2) ~ |g|^2 / (|g|^2 + s^2 / n), so n* = n (1 / cos - 1) images give signal = noise. It also prints each
-trained step's share of the gradient's norm (late steps have a small SDE std, so 1/std weighs them up).
+How much signal is in one Flow-GRPO update? Draws grpo.py's rollouts of a few iterations (its flags, its seeds) for the
+base policy, scores them, splits each group's images into two halves (the same prompts in both) and takes the policy
+gradient of each half on its own (the gradient grpo.py's update would take, with no optimizer step). The cosine of the two halves' gradients
+estimates the update's signal-to-noise: with per-image gradients of mean m and noise s, a half of n images has
+cos = |m|^2 / (|m|^2 + s^2 / n), so the images per update at which the signal equals the noise is
+n* = n (1 - cos) / cos. An update of fewer images than n* moves the policy mostly at random, whatever the lr.
 
-    python dev/grpo_snr.py                                      # the oracle and the latent reward, three schedules
-    python dev/grpo_snr.py --reward oracle --batches 8
-
-The gradient is grpo.py's (grpo_loss at ratio 1, group advantages, CFG 4.5, SDE noise 0.7) at the LoRA's
-initialisation (B = 0: only the B matrices get a gradient), on the toy world after the quick start.
+    python dev/grpo_snr.py --reward oracle --groups 12          # toy world, after the quick start
 """
-import argparse
-import itertools
 import os
 import sys
-import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ -> the repository root
-import align  # noqa: E402
-import data  # noqa: E402
 import grpo  # noqa: E402
-import toy  # noqa: E402
-from model import grpo_loss, load_pipeline, sample, sd3_sigmas, sde_step, seeded, velocity  # noqa: E402
+from align import embeds, setup_distributed  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--reward", nargs="+", default=["oracle", "out/reward-toy-dina"])
-parser.add_argument("--prompts", default="out/toy/prompts_train.txt")
-parser.add_argument("--groups", type=int, default=6, help="prompts per batch (grpo.py's toy default)")
-parser.add_argument("--group-size", type=int, default=8)
-parser.add_argument("--batches", type=int, default=6, help="independent batches; cosines over all their pairs")
-parser.add_argument("--cfg", type=float, default=4.5)
-parser.add_argument("--noise-level", type=float, default=0.7)
-parser.add_argument("--seed", type=int, default=5)
-REWARD_NOISE = 7  # the rewards' re-noising stream of batch b: seeded(seed, b, image, REWARD_NOISE)
-# name: (stochastic steps, trained steps) of the 10-step schedule
-SCHEDULES = {"flow-grpo (SDE 0-9, train 0-8)": (list(range(10)), list(range(9))),
-             "window 0-2 (ODE elsewhere)": ([0, 1, 2], [0, 1, 2]),
-             "window 6-8 (ODE elsewhere)": ([6, 7, 8], [6, 7, 8])}
+grpo.parser.add_argument("--probe-iters", type=int, default=3, help="iterations drawn (each split in two halves)")
 
 
-def batch_gradient(tr, vae, params, table, neg, sigmas, reward, prompts, b, args, sde, trained):
-    """One batch's policy gradient (flattened LoRA grads, per trained step) and its rewards' within-group std."""
-    n = args.groups * args.group_size
-    order = torch.randperm(len(prompts), generator=seeded(args.seed, b, 0)).tolist()
-    ps = [prompts[order[i // args.group_size % len(order)]] for i in range(n)]
-    gens = [seeded(args.seed, b, i) for i in range(n)]
-    side = tr.config.sample_size  # the latent's side
-    z = torch.stack([torch.randn(tr.config.in_channels, side, side, generator=g) for g in gens])
-    pe, pooled = align.embeds(table, ps)
-    with torch.no_grad():
-        out = sample(tr, z, sigmas, pe, pooled, args.cfg, neg, args.noise_level, sde, gens)
-        r = align.score_rewards(reward, out["latents"], ps, table, [(args.seed, b, i, REWARD_NOISE) for i in range(n)],
-                                lambda lat: align.decode_latents(vae, lat))
-    groups = torch.arange(n) // args.group_size
-    adv = grpo.advantages(r, groups, [1.0])
-    per_step = []
-    for j in trained:
-        for p in params.values():
-            p.grad = None
-        x, x_next = out["trajectory"][:, j], out["trajectory"][:, j + 1]
-        v = velocity(tr, x, sigmas[j], pe, pooled, args.cfg, neg)
-        _, lp, _, _ = sde_step(v, x, sigmas[j], sigmas[j + 1], args.noise_level, x_next, sigma1=float(sigmas[1]))
-        loss, _, _ = grpo_loss(lp, out["log_probs"][:, j], adv, 1e-4)
-        loss.mean().backward()
-        per_step.append(torch.cat([p.grad.flatten() for p in params.values()]))
-    spread = torch.stack([r[0][groups == g].std(unbiased=False) for g in groups.unique()]).mean().item()
-    return torch.stack(per_step), spread
+def half_gradient(args, run, ro, adv, rows, autocast):
+    """The policy gradient of the images `rows` of one iteration's rollouts, over every trained step -> flat tensor."""
+    for p in run.params.values():
+        p.grad = None
+    denom = len(rows) * len(ro.trained)
+    for c in range(0, len(rows), args.batch):
+        r = rows[c:c + args.batch]
+        pe, pooled = embeds(run.table, [ro.prompts[i] for i in r], run.device)
+        for j in ro.trained:
+            loss, _, _ = grpo.policy_loss(args, run, ro.traj[r, j], ro.traj[r, j + 1], j, pe, pooled,
+                                          ro.old_lp[r, j], adv[r], autocast)
+            loss.sum().div(denom).backward()
+    return torch.cat([p.grad.flatten() for p in run.params.values()])
 
 
 def main(args):
-    if args.batches < 3:
-        raise ValueError(f"--batches {args.batches}: at least 3, for the spread of the pairs' cosines")
-    pipe = load_pipeline("toy", None, 0)
-    tr = pipe.transformer
-    prompts = data.read_prompts(args.prompts)
-    table = align.encode_prompt_table(pipe, prompts + [""], 8)
-    neg = align.embeds(table, [""])
-    params = align.add_policy_lora(tr, 8, 16)
-    sigmas = sd3_sigmas(10, pipe.scheduler.config.get("shift", 3.0))
+    args, _, _ = grpo.resolve_args(args)
+    ddp, rank, world, device, autocast = setup_distributed()
+    run = grpo.build(args, device)
     n = args.groups * args.group_size
-    for name in args.reward:
-        reward = align.load_rewards([name], [1.0], tr, None, "cpu", align.Oracle(toy.toy_golden_score, toy.match_stats))
-        for label, (sde, trained) in SCHEDULES.items():
-            t0 = time.time()
-            runs = [batch_gradient(tr, pipe.vae, params, table, neg, sigmas, reward, prompts, b, args, sde, trained)
-                    for b in range(args.batches)]
-            grads = [g.sum(0) for g, _ in runs]
-            cos = torch.tensor([torch.nn.functional.cosine_similarity(grads[i], grads[j], 0).item()
-                                for i, j in itertools.combinations(range(args.batches), 2)])
-            c = cos.mean().item()
-            n_star = f"{n * (1 / c - 1):,.0f}" if c > 0 else "no signal seen"
-            share = torch.stack([g.norm(dim=1) for g, _ in runs]).mean(0)
-            share = share / share.sum()
-            spread = sum(s for _, s in runs) / len(runs)
-            print(f"{name} | {label}: cos {c:+.4f} (pairs: min {cos.min():+.3f}, max {cos.max():+.3f}, "
-                  f"SE {cos.std().item() / len(cos) ** 0.5:.4f}, pairs share batches) | images for signal = noise: {n_star} | "
-                  f"within-group reward std {spread:.4f} | norm share of steps {trained}: "
-                  f"{' '.join(f'{s:.2f}' for s in share.tolist())} | {time.time() - t0:.0f} s", flush=True)
+    k = args.group_size // 2
+    half = [i for i in range(n) if i % args.group_size < k]  # the first k images of every group
+    other = [i for i in range(n) if i % args.group_size >= k]  # the rest: the same prompts, other noise
+    cosines, grads = [], []
+    for it in range(args.probe_iters):
+        ro = grpo.rollout(args, run, it, 0, n, autocast)
+        r_all, adv = grpo.score(args, run, ro, it, 1, False, autocast)
+        g1 = half_gradient(args, run, ro, adv, torch.tensor(half), autocast)
+        g2 = half_gradient(args, run, ro, adv, torch.tensor(other), autocast)
+        cos = torch.nn.functional.cosine_similarity(g1, g2, dim=0).item()
+        cosines.append(cos)
+        grads.append(g1 + g2)
+        spread = r_all[0].view(-1, args.group_size).std(1, unbiased=False).mean()  # the first reward's, per group
+        print(f"iteration {it}: reward {r_all.mean():.4f} (std within groups {spread:.4f}); halves of "
+              f"{len(half)} images: cos {cos:+.4f}, |g| {g1.norm():.3g} / {g2.norm():.3g}", flush=True)
+    across = [torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in zip(grads, grads[1:])]
+    c = float(np.mean(cosines))
+    star = len(half) * (1 - c) / c if c > 0 else float("inf")
+    print(f"mean cos of halves {c:+.4f} +- {np.std(cosines, ddof=1) / np.sqrt(len(cosines)):.4f} "
+          f"({len(cosines)} iterations); of whole iterations' gradients {np.mean(across):+.4f}; "
+          f"images per update for signal = noise: {star:.0f} (this update: {n})")
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    main(grpo.parser.parse_args())
