@@ -3,10 +3,14 @@ ReFL with the latent reward (ImageReward's Reward Feedback Learning; DiNa-LRM's 
 no gradient down to a random late step, take one conditional generator step with gradient, predict the clean latent
 x0_hat = x_t - sigma v, and let the frozen latent reward score x0_hat (re-noised to its noise level with seeded noise)
 with its gradient flowing back into the LoRA policy. No VAE decode, no text encoding: the reward reads latents.
+--grad-steps K >= 1 back-propagates through more than one step instead: DRaFT-K (Clark et al. 2023) samples the whole
+ODE, the last K steps with gradient, and the reward scores the final latent; --grad-steps-random draws K from 1..K
+every step (AlignProp's randomised truncation, Prabhudesai et al. 2023).
 
 Toy world (after the quick start `python train_reward.py`):
     python refl.py
     python refl.py --fm-weight 0 --out out/refl-nofm          # without the pretraining (flow-matching) loss
+    python refl.py --grad-steps 1 --out out/draft-1           # DRaFT-1; --grad-steps 3 --grad-steps-random: AlignProp
 SD3.5-M with a DiNa-LRM reward trained here, 8 GPUs (real latents: a train_reward.py --cache-only cache):
     torchrun --nproc_per_node=8 refl.py --backbone sd35m --reward out/reward-sd35m-dina --prompts prompts_train.txt \
         --eval-prompts prompts_eval.txt --heldout-prompts prompts_heldout.txt --fm-weight 1 \
@@ -20,6 +24,17 @@ is stepped (the released DiNa ReFL never steps its EMA, so its saved LoRA is the
 weights), checkpoint. DiNa's README: ReFL hacks the reward; use the pretraining loss or stop early (--early-stop).
 The sizes of the flags left alone come from a preset (PRESETS below, printed at start): the toy's on the toy and tiny
 backbones, else SD3.5's.
+
+DRaFT-K / AlignProp (--grad-steps K; docs/design.md §10): the rollout is the same no-gradient ODE, down to step
+mid = N - K, whose state is detached; model.sample's own Euler steps mid..N-1 then run with gradient, and the reward
+scores the final latent, re-noised like x0_hat (the Euler step to sigma 0 is x0_hat: DRaFT-1 is ReFL at mid = N - 1,
+but guided). Choices and deviations: the gradient steps are guided by --cfg, as both papers differentiate through their
+guided sampler and as the evaluation samples (ReFL's step stays conditional only); with K > 1 each transformer call is
+checkpointed (torch.utils.checkpoint; both papers checkpoint): one step's activations at a time, one extra forward per
+step. The random K is one draw per optimizer step, a contiguous window, as AlignProp's paper describes it; its released
+code redraws the cut (from 0..50 on 50 steps) at every denoising step and detaches only the noise prediction, so a
+random subset of steps keeps its gradient; K = 0 (no gradient) is left out here. A DRaFT step still draws mid from
+--mid-range (unused) so that its prompts and noise are ReFL's at the same seed. Not implemented: DRaFT-LV.
 """
 
 import argparse
@@ -32,6 +47,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import align
@@ -56,7 +72,7 @@ PRESETS = {
                 ckpt_interval=25),
 }
 
-STEP_DRAWS = 0  # seeded(seed, step, STEP_DRAWS): the step's mid and its prompts
+STEP_DRAWS = 0  # seeded(seed, step, STEP_DRAWS): the step's mid, its prompts, then its random K (AlignProp)
 REWARD_NOISE = 7  # seeded(seed, step, image, REWARD_NOISE): the reward's re-noising of the image's x0_hat
 FM_PICK = 3  # seeded(seed, step, first image of the micro-batch, FM_PICK): the real latents of L_fm
 FM_NOISE = 4  # seeded(seed, step, first image of the micro-batch, FM_NOISE): their t and noise
@@ -91,8 +107,14 @@ parser.add_argument("--resolution", type=int, default=None, help="image side (pr
 parser.add_argument("--steps", type=int, default=None, help="ODE steps of the rollout (preset)")
 parser.add_argument("--mid-range", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                     help="LO,HI: the step with gradient is drawn from [LO, HI) (preset)")
-parser.add_argument("--cfg", type=float, default=4.5, help="guidance of the no-gradient ODE part (the gradient step is "
-                    "conditional only, as ImageReward's ReFL)")
+parser.add_argument("--cfg", type=float, default=4.5, help="guidance of the no-gradient ODE part (ReFL's gradient step "
+                    "is conditional only, as ImageReward's; DRaFT's gradient steps use it too)")
+# which steps carry the reward's gradient (docs/design.md §10)
+parser.add_argument("--grad-steps", type=int, default=0, help="0: ReFL (one conditional step at mid, the reward on "
+                    "x0_hat); K >= 1: DRaFT-K (the ODE to the end, its last K steps guided and with gradient, the "
+                    "reward on the final latent)")
+parser.add_argument("--grad-steps-random", action="store_true", help="AlignProp: K drawn from 1..--grad-steps every "
+                    "step, seeded by (seed, step)")
 parser.add_argument("--eval-steps", type=int, default=None, help="ODE steps of the evaluation samples (preset)")
 parser.add_argument("--eval-seeds", type=int, default=None, help="images per evaluation prompt (fixed seeds) (preset)")
 parser.add_argument("--heldout-seeds", type=int, default=None, help="images per held-out prompt (fixed seeds) (preset)")
@@ -136,8 +158,11 @@ def resolve_args(args):
     if len(args.reward_weight) != len(args.reward):
         raise ValueError(f"--reward-weight has {len(args.reward_weight)} values for {len(args.reward)} rewards")
     lo, hi = args.mid_range
-    if not 0 <= lo < hi <= args.steps:
+    if not 0 <= lo < hi or (hi > args.steps and not args.grad_steps):  # DRaFT draws mid too (unused, docstring)
         raise ValueError(f"--mid-range {lo},{hi} is outside the {args.steps}-step schedule")
+    if not (0 <= args.grad_steps <= args.steps and (args.grad_steps or not args.grad_steps_random)):
+        raise ValueError(f"--grad-steps {args.grad_steps} is not in 1..{args.steps} (0: ReFL, without "
+                         "--grad-steps-random)")
     if args.loss not in ("mean", "relu"):
         raise ValueError(f"unknown --loss {args.loss!r}; choose mean or relu")
     return args, name, list(PRESETS[name])
@@ -229,25 +254,33 @@ def build(args, device):
 
 
 def rollout(args, run, it, rows, prompts, mid, autocast):
-    """Images `rows` (their global indices) from their seeded noise: the ODE with CFG down to step mid, no gradient
-    -> x at sigma_mid (B,C,h,w)."""
+    """Images `rows` (their global indices) from their seeded noise: the ODE with CFG down to step mid (the first step
+    with gradient), no gradient -> x at sigma_mid (B,C,h,w)."""
     pe, pooled = align.embeds(run.table, prompts, run.device)
     z = torch.stack([torch.randn(run.transformer.config.in_channels, *run.shape, generator=seeded(args.seed, it, i))
                      for i in rows]).to(run.device)
+    if mid == 0:  # DRaFT-K with K = N: every step has gradient
+        return z
     with torch.no_grad(), autocast:
         return sample(run.transformer, z, run.sigmas[:mid + 1], pe, pooled, args.cfg, run.neg)["latents"]
 
 
 def losses(args, run, x, it, rows, prompts, mid, autocast):
-    """One conditional step with gradient at step mid, x0_hat, the weighted rewards of x0_hat (re-noised by the stream
-    REWARD_NOISE), ReFL's loss, with L_fm on real latents -> (loss (B,), rewards (B,), L_fm (B,) or None)."""
+    """From x at step mid with gradient: ReFL's one conditional step and x0_hat, or DRaFT's guided Euler steps mid..N-1
+    and the final latent; their weighted rewards (re-noised by the stream REWARD_NOISE), ReFL's loss, with L_fm on real
+    latents -> (loss (B,), rewards (B,), L_fm (B,) or None)."""
     weights = torch.tensor(args.reward_weight, device=run.device)[:, None]
     pe, pooled = align.embeds(run.table, prompts, run.device)
     keys = [(args.seed, it, i, REWARD_NOISE) for i in rows]
     l_fm = None
     with autocast:
-        v = velocity(run.transformer, x, run.sigmas[mid], pe, pooled)
-        lat = x0_hat(x, float(run.sigmas[mid]), v)
+        if args.grad_steps:  # DRaFT-K: model.sample's last K steps; K > 1 recomputes each step's activations
+            k = len(run.sigmas) - 1 - mid
+            net = partial(checkpoint, run.transformer, use_reentrant=False) if k > 1 else run.transformer
+            lat = sample(net, x, run.sigmas[mid:], pe, pooled, args.cfg, run.neg)["latents"]  # (B,C,h,w) at sigma 0
+        else:  # ReFL: one conditional step, then the one-step prediction of the clean latent
+            v = velocity(run.transformer, x, run.sigmas[mid], pe, pooled)
+            lat = x0_hat(x, float(run.sigmas[mid]), v)
         r = (weights * align.score_rewards(run.rewards, lat, prompts, run.table, keys)).sum(0)
         loss = refl_loss(r, args.target, args.loss)
         if run.fm is not None:
@@ -304,15 +337,19 @@ def main(args):
     while it < args.iters:
         t0 = time.time()
         draws = seeded(args.seed, it, STEP_DRAWS)
-        mid = torch.randint(*args.mid_range, (1,), generator=draws).item()  # the step with gradient
+        mid = torch.randint(*args.mid_range, (1,), generator=draws).item()  # ReFL's step with gradient
         order = torch.randint(len(run.train_prompts), (args.batch,), generator=draws).tolist()
+        k = args.grad_steps  # 0: ReFL; DRaFT-K: gradient through the last K steps, AlignProp's K drawn from 1..K
+        if args.grad_steps_random:
+            k = torch.randint(1, k + 1, (1,), generator=draws).item()
+        mid = args.steps - k if k else mid  # DRaFT-K: the first of the last K steps
         mine = list(range(rank * n_local, (rank + 1) * n_local))
         stats = dict(loss=0.0, reward=0.0, fm=0.0)
         for c in range(0, n_local, micro):
             rows = mine[c:c + micro]
             prompts = [run.train_prompts[order[i]] for i in rows]
             x = rollout(args, run, it, rows, prompts, mid, autocast)  # the ODE down to step mid, no gradient
-            loss, r, l_fm = losses(args, run, x, it, rows, prompts, mid, autocast)  # one step with gradient: loss
+            loss, r, l_fm = losses(args, run, x, it, rows, prompts, mid, autocast)  # the steps with gradient: loss
             loss.sum().div(args.batch).backward()
             stats["loss"] += loss.sum().item() / args.batch
             stats["reward"] += r.sum().item() / args.batch
@@ -325,7 +362,7 @@ def main(args):
         gnorm = align.optimizer_step(run.params, run.opt, run.ema, args.ema, args.grad_clip, ddp,
                                      f"step {it} (prompts {prompts[:3]}...)")
         it += 1
-        rec = dict(iter=it, mid=mid, gnorm=gnorm, **stats, seconds=dict(training=time.time() - t0))
+        rec = dict(iter=it, mid=mid, k=k, gnorm=gnorm, **stats, seconds=dict(training=time.time() - t0))
         if (args.eval_interval and it % args.eval_interval == 0) or it == args.iters:
             report, after_images = align.evaluate_ema(run, args, partial(proxy, args, run), autocast)
             history.append(dict(iter=it, **report))
@@ -337,7 +374,7 @@ def main(args):
             else:
                 stale += 1
         if rank == 0:
-            bar.write(f"step {it} | mid {mid} | loss {stats['loss']:.4f} | reward {stats['reward']:.4f} | "
+            bar.write(f"step {it} | mid {mid} | k {k} | loss {stats['loss']:.4f} | reward {stats['reward']:.4f} | "
                       f"fm {stats['fm']:.4f} | gnorm {gnorm:.3f} | {rec['seconds']['training']:.1f} s")
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")

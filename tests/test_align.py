@@ -1,6 +1,7 @@
 """The sampler every alignment stage shares (against docs/design.md §6's formulas and diffusers' own pipeline), and
 grpo.py / refl.py on the tiny backbone: the first importance ratio, the KL at initialisation, the LoRA export loaded by
-diffusers, no decode or text encoding in the loop, exact resume, 1 vs 2 processes, and bad input."""
+diffusers, ReFL's and DRaFT-K's gradient against autograd by hand, no decode or text encoding in the loop, exact resume,
+1 vs 2 processes, and bad input."""
 import json
 import math
 import os
@@ -232,7 +233,7 @@ def test_load_rewards_reads_released_folders(world, tmp_path):
 
 
 def test_no_decode_or_text_encoding_in_the_loop(world, tmp_path, monkeypatch):
-    """The VAE and the text encoders raise outside the one prompt encoding and the evaluations (GRPO and ReFL); the
+    """The VAE and the text encoders raise outside the one prompt encoding and the evaluations (GRPO, ReFL, DRaFT); the
     evaluations do decode and re-encode (the round trip), so the guard is live."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModelWithProjection
@@ -263,8 +264,9 @@ def test_no_decode_or_text_encoding_in_the_loop(world, tmp_path, monkeypatch):
     monkeypatch.setattr(align, "encode_prompt_table", allow(align.encode_prompt_table, "encode"))
     grpo.main(grpo_args(world, tmp_path / "g"))
     refl.main(refl_args(world, tmp_path / "r"))
-    assert calls["encode"] == 2  # once per run
-    assert calls["AutoencoderKL.encode"] == calls["AutoencoderKL.decode"] == 2 * 2 * 2  # runs x evaluations x splits
+    refl.main(refl_args(world, tmp_path / "d", "--grad-steps", "4", "--grad-steps-random"))  # DRaFT / AlignProp
+    assert calls["encode"] == 3  # once per run
+    assert calls["AutoencoderKL.encode"] == calls["AutoencoderKL.decode"] == 3 * 2 * 2  # runs x evaluations x splits
 
 
 def test_evaluation_round_trip_and_golden_terms(world, tmp_path, monkeypatch, capsys):
@@ -341,10 +343,98 @@ def refl_args(w, out, *extra):
                                    "--out", str(out), *extra])
 
 
-@pytest.mark.parametrize("stage", ["grpo", "refl", "step_grpo"])
+def refl_by_hand(args, k):
+    """The first step's LoRA gradient of refl.py written out for the whole batch at once: the step's seeded draws and
+    noise, model.sample's no-gradient ODE to the first step with gradient, then by hand with autograd either ReFL's
+    conditional step and x0_hat at mid (k = 0) or the last k Euler steps with CFG as two separate forwards; the reward
+    of the result re-noised by the REWARD_NOISE stream -> ({name: gradient}, mean reward)."""
+    args = refl.resolve_args(args)[0]
+    run = refl.build(args, "cpu")
+    draws = seeded(args.seed, 0, refl.STEP_DRAWS)
+    mid = torch.randint(*args.mid_range, (1,), generator=draws).item()
+    order = torch.randint(len(run.train_prompts), (args.batch,), generator=draws).tolist()
+    pe, pooled = align.embeds(run.table, [run.train_prompts[o] for o in order])
+    neg_pe, neg_pooled = (n.expand(args.batch, *n.shape[1:]) for n in run.neg)
+    first = args.steps - k if k else mid
+    z = torch.stack([torch.randn(4, *run.shape, generator=seeded(args.seed, 0, i)) for i in range(args.batch)])
+    with torch.no_grad():
+        x = sample(run.transformer, z, run.sigmas[:first + 1], pe, pooled, args.cfg, run.neg)["latents"] if first else z
+
+    def v(x, sigma, embeds, pooled):
+        t = torch.full((len(x),), 1000 * float(sigma))
+        return run.transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                               return_dict=False)[0]
+    if k == 0:
+        x = x - run.sigmas[mid] * v(x, run.sigmas[mid], pe, pooled)
+    for i in range(first, args.steps if k else first):
+        v_u, v_c = v(x, run.sigmas[i], neg_pe, neg_pooled), v(x, run.sigmas[i], pe, pooled)
+        x = x + (run.sigmas[i + 1] - run.sigmas[i]) * (v_u + args.cfg * (v_c - v_u))
+    eps = torch.stack([torch.randn(4, *run.shape, generator=seeded(args.seed, 0, i, refl.REWARD_NOISE))
+                       for i in range(args.batch)])
+    r = run.rewards[0]["model"].score(x, pe, pooled, t=run.rewards[0]["t"], noise=eps)
+    grads = torch.autograd.grad((args.target - r).mean(), list(run.params.values()))
+    return dict(zip(run.params, grads)), r.mean().item()
+
+
+def test_refl_gradient_is_autograd_through_the_last_k_steps(world, tmp_path, monkeypatch):
+    """--grad-steps K (DRaFT-K; K = 4: all steps; AlignProp's random K): the first update's LoRA gradient, accumulated
+    over two micro-batches with each step checkpointed when K > 1, equals autograd's through K hand-written Euler
+    steps of the guided ODE, and the logged reward is that of the final latent; the default (ReFL) equals its
+    conditional step at mid. The gradients of K = 0, 1, 2 and 4 all differ."""
+    real_step, grads = align.optimizer_step, []
+
+    def capture(params, *a, **kw):
+        grads.append({n: p.grad.clone() for n, p in params.items()})
+        return real_step(params, *a, **kw)
+    monkeypatch.setattr(align, "optimizer_step", capture)
+    real_checkpoint, recomputed = refl.checkpoint, []
+    monkeypatch.setattr(refl, "checkpoint", lambda *a, **kw: recomputed.append(1) or real_checkpoint(*a, **kw))
+    cases = [[], ["--grad-steps", "1"], ["--grad-steps", "2"], ["--grad-steps", "4"],
+             ["--grad-steps", "3", "--grad-steps-random"]]
+    for flags in cases:
+        out = tmp_path / "_".join(["k", *flags])
+        recomputed.clear()
+        refl.main(refl_args(world, out, "--iters", "1", *flags))
+        rec = log(out)[0]
+        assert len(recomputed) == (2 * rec["k"] if rec["k"] > 1 else 0)  # each step checkpointed, per micro-batch
+        want, reward = refl_by_hand(refl_args(world, out, *flags), rec["k"])
+        assert rec["k"] == (int(flags[1]) if len(flags) == 2 else 0 if not flags else rec["k"])
+        assert rec["mid"] == 4 - rec["k"] if flags else 2 <= rec["mid"] < 4
+        assert rec["reward"] == pytest.approx(reward, rel=1e-5, abs=1e-6)
+        assert sum(g.abs().sum() for g in want.values()) > 0
+        for n in want:
+            torch.testing.assert_close(grads[-1][n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    flat = [torch.cat([g.flatten() for g in step.values()]) for step in grads[:4]]
+    for i in range(4):
+        for j in range(i):
+            assert (flat[i] - flat[j]).norm() > 0.05 * flat[i].norm(), (cases[i], cases[j])
+
+
+def test_alignprop_k_is_drawn_per_step_seeded_and_in_range(world, tmp_path):
+    """--grad-steps-random: K ~ U{1..K} is the step's own draw from (seed, step) (after mid and the prompts), logged
+    with mid = N - K, and it varies over the steps; without it K is fixed; bad K stops with a message."""
+    refl.main(refl_args(world, tmp_path / "a", "--grad-steps", "3", "--grad-steps-random", "--iters", "8",
+                        "--ckpt-interval", "4"))
+    ks = [rec["k"] for rec in log(tmp_path / "a")]
+    for it, rec in enumerate(log(tmp_path / "a")):
+        draws = seeded(0, it, refl.STEP_DRAWS)
+        torch.randint(2, 4, (1,), generator=draws), torch.randint(3, (4,), generator=draws)  # mid, the prompts
+        assert rec["k"] == torch.randint(1, 4, (1,), generator=draws).item() and rec["mid"] == 4 - rec["k"]
+    assert set(ks) <= {1, 2, 3} and len(set(ks)) > 1, ks
+    for bad in (["--grad-steps", "5"], ["--grad-steps", "0", "--grad-steps-random"], ["--grad-steps", "-1"]):
+        with pytest.raises(ValueError, match="--grad-steps .* is not in 1..4"):
+            refl.main(refl_args(world, tmp_path / "b", *bad))
+
+
+STAGES = ["grpo", "refl", "refl-alignprop", "step_grpo"]  # refl-alignprop: refl.py with a random K (DRaFT / AlignProp)
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch, stage):
-    mod, make = dict(grpo=(grpo, grpo_args), refl=(refl, refl_args), step_grpo=(step_grpo, step_args))[stage]
-    extra = dict(grpo=["--iters", "3"], refl=["--fm-weight", "1"], step_grpo=["--iters", "3", "--k", "3"])[stage]
+    stages = dict(grpo=(grpo, grpo_args), refl=(refl, refl_args), step_grpo=(step_grpo, step_args))
+    mod, make = stages[stage.split("-")[0]]
+    extra = {"grpo": ["--iters", "3"], "refl": ["--fm-weight", "1"], "step_grpo": ["--iters", "3", "--k", "3"],
+             "refl-alignprop": ["--fm-weight", "1", "--grad-steps", "3", "--grad-steps-random"]}[stage]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     mod.main(make(world, straight, *extra))
     real_step, calls = torch.optim.AdamW.step, {"n": 0}
@@ -365,32 +455,36 @@ def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch, stage):
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
     assert [l["iter"] for l in log(killed)] == [1, 2, 3]
     assert [l["loss"] for l in log(killed)] == [l["loss"] for l in log(straight)]
+    assert [l.get("k") for l in log(killed)] == [l.get("k") for l in log(straight)]
 
 
-@pytest.mark.parametrize("stage", ["grpo", "refl", "step_grpo"])
+@pytest.mark.parametrize("stage", STAGES)
 def test_two_processes_equal_one(world, tmp_path, stage):
     """torchrun --nproc_per_node=2 (gloo): the same losses and LoRA weights as one process at the same global batch."""
     outs = {}
     common = ["--backbone", "tiny", "--reward", str(world / "reward"), "--prompts", str(world / "train.txt"),
               "--steps", "3", "--eval-steps", "2", "--eval-seeds", "1", "--heldout-seeds", "1", "--iters", "2",
               "--eval-interval", "0", "--lr", "1e-2"]
-    extra = dict(grpo=["--groups", "2", "--group-size", "2", "--batch", "2", "--beta", "0.04"],
-                 refl=["--batch", "4", "--micro-batch", "2", "--mid-range", "1,3", "--fm-weight", "1"],
-                 step_grpo=["--trajectories", "4", "--batch", "2", "--k", "3", "--beta", "0.04"])[stage]
+    refl_extra = ["--batch", "4", "--micro-batch", "2", "--mid-range", "1,3", "--fm-weight", "1"]
+    extra = {"grpo": ["--groups", "2", "--group-size", "2", "--batch", "2", "--beta", "0.04"], "refl": refl_extra,
+             "refl-alignprop": refl_extra + ["--grad-steps", "3", "--grad-steps-random"],
+             "step_grpo": ["--trajectories", "4", "--batch", "2", "--k", "3", "--beta", "0.04"]}[stage]
     for n in (1, 2):
         out = tmp_path / f"w{n}"
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master-port",
-               str(29610 + n + 10 * ["grpo", "refl", "step_grpo"].index(stage)), str(ROOT / f"{stage}.py"), *common, *extra, "--out", str(out)]
+               str(29610 + n + 10 * STAGES.index(stage)), str(ROOT / f"{stage.split('-')[0]}.py"), *common, *extra,
+               "--out", str(out)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         outs[n] = out
     l1, l2 = log(outs[1]), log(outs[2])
     assert len(l1) == len(l2) == 2
+    assert [a.get("k") for a in l1] == [b.get("k") for b in l2]
     for a, b in zip(l1, l2):
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-5)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        if stage != "refl":
+        if not stage.startswith("refl"):
             assert a["kl"] == pytest.approx(b["kl"], abs=1e-9)
     w1, w2 = (model.load_checkpoint(str(o / "ckpt.safetensors"))[0] for o in (outs[1], outs[2]))
     # atol: 0.5% of one Adam step at lr 1e-2 (a wrong average over ranks moves a weight by about lr). Adam divides
