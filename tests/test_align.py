@@ -156,7 +156,8 @@ def log(out):
 
 def test_grpo_first_ratio_is_one_kl_zero_and_lora_export(world, tmp_path, capsys):
     """First inner update: importance ratio exactly 1 at every trained step, KL 0 (B = 0). The exported LoRA loaded
-    by diffusers' pipeline reproduces the policy's (EMA) samples."""
+    by diffusers' pipeline reproduces the policy's (EMA) samples. proxy_roundtrip.py's pipeline comparison: the LoRA
+    moves the pipeline's own samples; unloaded, then with a zero LoRA loaded, it gives the base's exactly (golden +0)."""
     out = tmp_path / "g"
     grpo.main(grpo_args(world, out, "--beta", "0.04", "--ema", "0"))
     first = log(out)[0]
@@ -184,6 +185,30 @@ def test_grpo_first_ratio_is_one_kl_zero_and_lora_export(world, tmp_path, capsys
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     untouched = sample(base.transformer, z, sd3_sigmas(3), pe, pooled)["latents"]
     assert (want - untouched).abs().max() > 1e-4  # the LoRA changed the generator
+    # scripts/proxy_roundtrip.py --pipeline-seeds: the pipeline's own __call__ with CFG, the base vs the LoRA on paired seeds
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import proxy_roundtrip
+    import toy
+    drawn, oracle = [], align.Oracle(toy.toy_golden_score, toy.match_stats)
+    opts = proxy_roundtrip.parser.parse_args(["lora", "--pipeline-seeds", "2", "--eval-steps", "3"])
+
+    def judged(pipeline):  # the split's verdict; a proxy of 0 that keeps the pipeline's latents
+        return proxy_roundtrip.pipeline_eval(pipeline, {"train": PROMPTS}, oracle,
+                                             lambda lat, _: drawn.append(lat) or torch.zeros(len(lat)), opts)["train"]
+    verdicts = [judged(base), judged(pipe)]
+    pipe.unload_lora_weights()
+    verdicts.append(judged(pipe))
+    for n, p in params.items():
+        if "lora_B" in n:
+            p.data.zero_()  # B = 0: a LoRA that adds exactly nothing
+    align.save_policy_lora(str(tmp_path / "zero"), policy)
+    pipe.load_lora_weights(str(tmp_path / "zero"))
+    verdicts.append(judged(pipe))
+    assert (drawn[1] - drawn[0]).abs().max() > 1e-4  # the LoRA moved the pipeline's samples
+    assert torch.equal(drawn[2], drawn[0]) and torch.equal(drawn[3], drawn[0])  # unloaded, and with a zero LoRA: the base
+    keys, line = align.compare("train", verdicts[0], verdicts[3])
+    assert keys["golden_after_train"] == keys["golden_before_train"] and keys["golden_se_train"] == 0
+    assert "golden" in line and " (+0.0000 +- 0.0000; " in line
 
 
 def test_grpo_dina_recipe_cps_window(world, tmp_path):
