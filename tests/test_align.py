@@ -685,3 +685,28 @@ def test_step_advantages_closed_form():
     floored = step_grpo.step_advantages(r, std_floor=0.05)
     torch.testing.assert_close(floored[1], torch.tensor([-0.0005, 0.0005]) / (0.05 + 1e-4), atol=1e-4, rtol=1e-3)
     assert step_grpo.step_advantages(r, clip=2.0).abs().max() <= 2.0
+
+
+def test_stage_figure_prints_the_changes_it_plots(tmp_path, capsys):
+    """scripts/stage_figure.py on two hand-written summaries (a latent-reward run, an oracle run with no held-out split)
+    and a Step-wise Sampling folder: each table row is after - before, computed here by hand."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import stage_figure
+    latent = dict(golden_before_train=0.40, golden_after_train=0.38, golden_se_train=0.007, golden_before_heldout=0.33,
+                  golden_after_heldout=0.335, golden_se_heldout=0.005, reward_before_train=0.0, reward_after_train=2.1,
+                  reward_reencoded_before_train=0.35, reward_reencoded_after_train=0.45)
+    oracle = dict(golden_before_train=0.40, golden_after_train=0.41, golden_se_train=0.005, reward_before_train=0.40,
+                  reward_after_train=0.41)
+    for name, summary in (("a", latent), ("b", oracle)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "sw").mkdir()
+    sw = {k: dict(golden=0.33 + g, gain=g, gain_se=0.007) for k, g in (("1", 0.0), ("4", 0.002), ("ode", 0.001))}
+    (tmp_path / "sw/results.json").write_text(json.dumps(dict(results=sw)))
+    stage_figure.main(stage_figure.parser.parse_args([str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "A", "B",
+                                                      "--stepwise", str(tmp_path / "sw")]))
+    lines = capsys.readouterr().out.splitlines()
+    assert "| A | -0.0200 +- 0.0070 | +0.0050 +- 0.0050 | +2.1000 | +0.1000 |" in lines
+    assert "| B | +0.0100 +- 0.0050 | +nan +- nan | (oracle reward) | - |" in lines
+    assert "| 4 | 0.3320 | +0.0020 +- 0.0070 |" in lines
+    assert (tmp_path / "a/stages.png").stat().st_size > 0
