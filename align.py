@@ -428,9 +428,16 @@ def finish(out, history, after_images, unit="iterations"):
     first, last = history[0], history[-1]
     splits = [s for s in first if s != "iter"]
     summary = dict(iterations=last["iter"], seconds=sum(sum(r["seconds"].values()) for r in log))
+    summary["curve"] = []  # every evaluation after the first, paired with it: the golden curve with its spread
+    for h in history[1:-1]:
+        for s in splits:
+            keys, line = compare(s, first[s], h[s])
+            summary["curve"].append(dict(iter=h["iter"], **keys))
+            print(f"evaluation at {h['iter']} {unit}: {line}", flush=True)
     for s in splits:
         keys, line = compare(s, first[s], last[s])
         summary.update(keys)
+        summary["curve"].append(dict(iter=last["iter"], **keys))
         print(f"final ({summary['iterations']} {unit}, {summary['seconds']:.0f} s of training): {line}", flush=True)
     for k in ("golden_before", "golden_after", "golden_se", "reward_before", "reward_after"):  # the training split's
         if f"{k}_train" in summary:

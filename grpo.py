@@ -7,7 +7,7 @@ the LoRA policy takes a PPO-clipped step on every trained denoising step, with a
 Toy world (after the quick start `python train_reward.py`):
     python grpo.py                                   # the latent reward out/reward-toy-dina
     python grpo.py --reward oracle --out out/grpo-oracle     # the ceiling: decode and score with the golden oracle
-    python grpo.py --sde-window 2 --iters 56 --eval-interval 14 --out out/grpo-fast   # Flow-GRPO-Fast
+    python grpo.py --sde-window 0 --no-same-noise --groups 6 --lr 5e-3 --out out/grpo-full   # every step stochastic
 SD3.5-M with a DiNa-LRM reward trained here, 8 GPUs (Flow-GRPO's recipe; --recipe dina for DiNa-LRM's):
     torchrun --nproc_per_node=8 grpo.py --backbone sd35m --reward out/reward-sd35m-dina \
         --prompts prompts_train.txt --eval-prompts prompts_eval.txt --heldout-prompts prompts_heldout.txt \
@@ -56,18 +56,20 @@ PRESETS = {
     "flow-grpo": dict(iters=1000, resolution=512, group_size=24, groups=48, updates=2, batch=8, eval_steps=40,
                       eval_seeds=2, heldout_seeds=2, cfg=4.5, sde_type="sde", noise_level=0.7, sde_window=0,
                       clip_range=1e-4, beta=0.04, lr=3e-4, lora_rank=32, lora_alpha=64, eval_interval=25,
-                      ckpt_interval=25),
-    # the toy world's laptop sizing: Flow-GRPO's recipe on 32 px images, 6 prompts x 8 images, 24 iterations (past them
-    # the latent reward is hacked); lr 5e-3: at 1e-3 even the oracle's gain stays within its noise (measured:
-    # docs/results.md)
-    "toy": dict(iters=24, resolution=32, group_size=8, groups=6, updates=1, batch=48, eval_steps=10, eval_seeds=4,
-                heldout_seeds=12, cfg=4.5, sde_type="sde", noise_level=0.7, sde_window=0, clip_range=1e-4, beta=0.04,
-                lr=5e-3, lora_rank=8, lora_alpha=16, eval_interval=8, ckpt_interval=8),
+                      ckpt_interval=25, same_noise=False),
+    # the toy world's laptop sizing, chosen by the oracle's gain (docs/results.md §6): Flow-GRPO-Fast's 2-step window at
+    # steps 0-1 with the group's images sharing their start (DanceGRPO), so a group's spread is the trained steps' noise
+    # (the gradient's cosine across half-batches 0.02 -> 0.16); 24 prompts x 8 images, lr 2e-3 (5e-3 parts the run
+    # seeds), KL 0; the evaluation 12 / 24 seeds per prompt, so the paired SE is about 0.005
+    "toy": dict(iters=16, resolution=32, group_size=8, groups=24, updates=1, batch=48, eval_steps=10, eval_seeds=12,
+                heldout_seeds=24, cfg=4.5, sde_type="sde", noise_level=0.7, sde_window=2, sde_window_range=(0, 1),
+                same_noise=True, clip_range=1e-4, beta=0.0, lr=2e-3, lora_rank=8, lora_alpha=16, eval_interval=0,
+                ckpt_interval=8),
 }
 # DiNa-LRM's GRPO recipe: Flow-GRPO-Fast with CPS noise 0.8 on a 3-step window starting in [0, 5), no CFG in training,
 # groups of 18, clip 3e-6, beta 0.004, lr 5e-5 (docs/design.md §10): its changes over the sizes (SD3.5's or the toy's)
 DINA = dict(sde_type="cps", noise_level=0.8, sde_window=3, sde_window_range=(0, 5), cfg=1.0, group_size=18,
-            clip_range=3e-6, beta=0.004, lr=5e-5)
+            clip_range=3e-6, beta=0.004, lr=5e-5, same_noise=False)
 PRESETS["dina"] = PRESETS["flow-grpo"] | DINA
 
 PROMPT_ORDER = 0  # seeded(seed, iteration, PROMPT_ORDER): the iteration's prompt order
@@ -122,8 +124,9 @@ parser.add_argument("--sde-window-range", type=lambda s: tuple(int(x) for x in s
 parser.add_argument("--timestep-fraction", type=float, default=0.99, help="Flow-GRPO: share of the steps trained, "
                     "from the first: 0.99 trains 9 of 10 (the last is stochastic but untrained); Fast trains its whole "
                     "window")
-parser.add_argument("--same-noise", action="store_true", help="every image of a group starts from the same initial "
-                    "noise, so the group's spread comes from the SDE noise alone, which the policy gradient can credit")
+parser.add_argument("--same-noise", action=argparse.BooleanOptionalAction, default=None, help="every image of a group "
+                    "starts from the same initial noise, so the group's spread comes from the SDE noise alone, which the "
+                    "policy gradient can credit (preset)")
 parser.add_argument("--adv-clip", type=float, default=5.0, help="advantages clipped to +-this")
 parser.add_argument("--global-std", action="store_true",
                     help="normalise by the std of the whole batch, not of the group")

@@ -22,10 +22,17 @@ from align import decode_latents, setup_distributed  # noqa: E402
 grpo.parser.add_argument("--probe-iters", type=int, default=2, help="iterations drawn (each: --groups x --group-size)")
 
 
+def ranks(x):
+    """(G,K) -> (G,K) rank of each value in its row, ties sharing their mean rank (0-based)."""
+    below = (x[:, None, :] < x[:, :, None]).sum(2)
+    equal = (x[:, None, :] == x[:, :, None]).sum(2)
+    return below + (equal - 1) / 2
+
+
 def spearman_rows(a, b):
     """(G,K), (G,K) -> (G',) Spearman correlation of each row pair; rows where either side is constant are dropped."""
-    ra = np.argsort(np.argsort(a, 1), 1).astype(float)
-    rb = np.argsort(np.argsort(b, 1), 1).astype(float)
+    ra = ranks(a)
+    rb = ranks(b)
     ra -= ra.mean(1, keepdims=True)
     rb -= rb.mean(1, keepdims=True)
     ok = (np.ptp(a, 1) > 0) & (np.ptp(b, 1) > 0)

@@ -159,7 +159,7 @@ def test_grpo_first_ratio_is_one_kl_zero_and_lora_export(world, tmp_path, capsys
     by diffusers' pipeline reproduces the policy's (EMA) samples. proxy_roundtrip.py's pipeline comparison: the LoRA
     moves the pipeline's own samples; unloaded, then with a zero LoRA loaded, it gives the base's exactly (golden +0)."""
     out = tmp_path / "g"
-    grpo.main(grpo_args(world, out, "--beta", "0.04", "--ema", "0"))
+    grpo.main(grpo_args(world, out, "--beta", "0.04", "--ema", "0", "--sde-window", "0", "--no-same-noise"))
     first = log(out)[0]
     assert first["ratio_dev"] == 0.0 and first["kl"] == 0.0 and first["sde_steps"] == [0, 1, 2, 3]
     assert log(out)[1]["kl"] > 0  # the policy moved
@@ -231,7 +231,8 @@ def test_grpo_same_noise_shares_the_start_not_the_sde_noise(world, tmp_path):
     assert torch.equal(start[0], start[1]) and torch.equal(start[0], start[2]) and torch.equal(start[3], start[5])
     assert not torch.equal(start[2], start[3])  # the batch of 4 crosses the groups' border
     assert (end[0] - end[1]).abs().max() > 1e-3 and (end[3] - end[4]).abs().max() > 1e-3
-    plain = grpo.rollout(grpo.resolve_args(grpo_args(world, tmp_path / "p"))[0], run, 0, 0, 4, nullcontext())
+    plain = grpo.rollout(grpo.resolve_args(grpo_args(world, tmp_path / "p", "--no-same-noise"))[0], run, 0, 0, 4,
+                         nullcontext())
     assert not torch.equal(plain.traj[0, 0], plain.traj[1, 0])  # without it every image has its own start
 
 
