@@ -7,6 +7,7 @@ averaged over groups (+- the standard error over groups; a group whose term is c
 
     python dev/within_prompt_rank.py --same-noise --sde-window 2 --sde-window-range 0,1 --groups 39 --group-size 16
     python dev/within_prompt_rank.py --reward out/reward-96 ...    # another reward on the same rollouts
+    python dev/within_prompt_rank.py --policy out/grpo ...          # the rollouts of a run's policy (EMA weights)
 """
 import os
 import sys
@@ -17,9 +18,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ -> the repository root
 import grpo  # noqa: E402
 import toy  # noqa: E402
-from align import decode_latents, setup_distributed  # noqa: E402
+from align import decode_latents, load_state, setup_distributed, swap_weights  # noqa: E402
 
 grpo.parser.add_argument("--probe-iters", type=int, default=2, help="iterations drawn (each: --groups x --group-size)")
+grpo.parser.add_argument("--policy", default=None, help="a grpo.py run folder: draw its policy's rollouts (its EMA "
+                         "weights, the policy it exports) instead of the base generator's")
 
 
 def ranks(x):
@@ -44,6 +47,9 @@ def main(args):
     args, _, _ = grpo.resolve_args(args)
     _, _, _, device, autocast = setup_distributed()
     run = grpo.build(args, device)
+    if args.policy:
+        load_state(os.path.join(args.policy, "ckpt.safetensors"), run.params, run.ema, run.opt, device)
+        swap_weights(run.params, run.ema)
     n, k = args.groups * args.group_size, args.group_size
     names = ("score", "color", "shape", "background", "quality")
     rho = {(r, name): [] for r in range(len(args.reward)) for name in names}
