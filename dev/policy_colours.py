@@ -2,8 +2,8 @@
 Which colour does a grpo.py run's policy draw, whatever the prompt asks? Samples the training prompts as the stages'
 evaluation does (ODE, its seeds, CFG 4.5) with the base generator and with the run's policy (its EMA weights), reads
 each image's object colour as the oracle does (the nearest palette colour of toy_read's foreground) and prints, for
-both, how often each colour is drawn and how often the prompted colour is drawn per prompted colour. A reward with a
-colour it prefers under every prompt shows as one colour taking over.
+both, how often each colour is drawn, how often the prompted colour is drawn per prompted colour, and the oracle's
+quality term by drawn colour. A reward with a colour it prefers under every prompt shows as one colour taking over.
 
     python dev/policy_colours.py out/grpo            # the run folder of python grpo.py (toy world)
 """
@@ -36,9 +36,12 @@ def drawn_colours(run, prompts, seeds, cfg):
                          for _, i, k in items])
     pe, pooled = embeds(run.table, [p for p, _, _ in items], run.device)
     latents = sample(run.transformer, noise, run.eval_sigmas, pe, pooled, cfg, embeds(run.table, [""], run.device))["latents"]
-    fg = toy.toy_read(decode_latents(run.vae, latents))["fg"]
+    images = decode_latents(run.vae, latents)
+    fg = toy.toy_read(images)["fg"]
+    quality = toy.toy_golden_score(images, [p for p, _, _ in items], parts=True)["quality"]
     names = list(toy.TOY_COLORS)
-    return [names[j] for j in toy._soft_pick(fg, toy._COL, 25.0).argmax(1)], [toy.parse_toy_prompt(p)[0] for p, _, _ in items]
+    got = [names[j] for j in toy._soft_pick(fg, toy._COL, 25.0).argmax(1)]
+    return got, [toy.parse_toy_prompt(p)[0] for p, _, _ in items], quality
 
 
 def main(a):
@@ -50,13 +53,16 @@ def main(a):
         if name == "policy":
             load_state(os.path.join(a.run, "ckpt.safetensors"), run.params, run.ema, run.opt, "cpu")
             swap_weights(run.params, run.ema)  # the policy the run exports
-        got, want = drawn_colours(run, run.train_prompts, a.seeds, args.eval_cfg)
-        match = collections.defaultdict(list)
-        for w, g in zip(want, got):
+        got, want, quality = drawn_colours(run, run.train_prompts, a.seeds, args.eval_cfg)
+        match, clean = collections.defaultdict(list), collections.defaultdict(list)
+        for w, g, q in zip(want, got, quality):
             match[w].append(w == g)
+            clean[g].append(q)
         drawn = ", ".join(f"{c} {n}" for c, n in collections.Counter(got).most_common())
         right = ", ".join(f"{c} {np.mean(v):.2f}" for c, v in match.items())
-        print(f"{name}: {len(got)} images drawn {drawn}; prompted colour drawn, by prompted colour: {right}")
+        terms = ", ".join(f"{c} {np.mean(v):.3f}" for c, v in clean.items())
+        print(f"{name}: {len(got)} images drawn {drawn}; prompted colour drawn, by prompted colour: {right}; "
+              f"golden quality term (of 0.4), by drawn colour: {terms}")
 
 
 if __name__ == "__main__":
