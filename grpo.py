@@ -7,7 +7,7 @@ the LoRA policy takes a PPO-clipped step on every trained denoising step, with a
 Toy world (after the quick start `python train_reward.py`):
     python grpo.py                                   # the latent reward out/reward-toy-dina
     python grpo.py --reward oracle --out out/grpo-oracle     # the ceiling: decode and score with the golden oracle
-    python grpo.py --sde-window 0 --no-same-noise --groups 6 --lr 5e-3 --out out/grpo-full   # every step stochastic
+    python grpo.py --sde-window 0 --no-same-noise --groups 6 --lr 5e-3 --iters 24 --out out/grpo-full  # all steps SDE
 SD3.5-M with a DiNa-LRM reward trained here, 8 GPUs (Flow-GRPO's recipe; --recipe dina for DiNa-LRM's):
     torchrun --nproc_per_node=8 grpo.py --backbone sd35m --reward out/reward-sd35m-dina \
         --prompts prompts_train.txt --eval-prompts prompts_eval.txt --heldout-prompts prompts_heldout.txt \

@@ -7,10 +7,10 @@ PPO-clipped step on every child's log-probability; the k children of a parent sh
 
 Toy world (after the quick start `python train_reward.py`):
     python step_grpo.py                              # k = 2, 12 iterations, the latent reward out/reward-toy-dina
-    python step_grpo.py --iters 24 --eval-interval 8 --out out/step-grpo-24   # grpo.py's 24 iterations, its forwards
+    python step_grpo.py --iters 24 --eval-interval 8 --out out/step-grpo-24   # the forwards of grpo.py's out/grpo-full
     python step_grpo.py --k 4 --iters 24 --eval-interval 8 --out out/step-grpo-k4
     python step_grpo.py --continue best --out out/step-grpo-best
-    python scripts/compare_step_grpo.py out/grpo out/step-grpo-24 out/step-grpo-k4    # golden vs steps and wall time
+    python scripts/compare_step_grpo.py out/grpo-full out/step-grpo-24 out/step-grpo-k4   # golden vs steps, wall time
 SD3.5-M with a DRM reward trained here, 8 GPUs:
     torchrun --nproc_per_node=8 step_grpo.py --backbone sd35m --reward out/reward-sd35m-drm \
         --prompts prompts_train.txt --eval-prompts prompts_eval.txt --heldout-prompts prompts_heldout.txt \
