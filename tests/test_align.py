@@ -165,6 +165,8 @@ def test_grpo_first_ratio_is_one_kl_zero_and_lora_export(world, tmp_path, capsys
     assert log(out)[1]["kl"] > 0  # the policy moved
     summary = json.loads((out / "summary.json").read_text())
     assert {"reward_before", "reward_after", "seconds", "iterations"} <= set(summary)
+    assert [c["iter"] for c in summary["curve"]] == [2, 2]  # no evaluation between: the final one, per split
+    assert summary["curve"][0]["reward_after_train"] == summary["reward_after_train"]
     assert "final (2 iterations" in capsys.readouterr().out
     for f in ("grid.png", "curves.png", "before.png", "lora/pytorch_lora_weights.safetensors"):
         assert (out / f).is_file(), f
