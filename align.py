@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 
 import released
 from data import read_prompts
-from model import atomic_write, encode_images, load_checkpoint, sample, save_checkpoint, seeded, to_tensor
+from model import (atomic_write, decode_latents, encode_images, load_checkpoint, sample, save_checkpoint, seeded,
+                   to_tensor)
 from parallel import gathered, shard_like
 
 # -----------------------------------------------------------------------------
@@ -286,14 +287,6 @@ def check_dense(rewards, levels, flag="--reward"):
                              f"{bad[0]:.4f} of this schedule (choose a --steps-window inside, or another reward)")
 
 
-@torch.no_grad()
-def decode_latents(vae, z):
-    """Normalised latents (B,C,h,w) -> PIL images through the VAE (evaluation and the toy oracle only)."""
-    x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in x]
-
-
 EVAL_SEED = 4242  # the evaluation's noise stream: seeded(EVAL_SEED, image k of a prompt, the prompt's index)
 PROXY_NOISE = 10 ** 9  # the evaluation proxy's re-noising stream: seeded(seed, PROXY_NOISE, image)
 
@@ -427,18 +420,16 @@ def finish(out, history, after_images, unit="iterations"):
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     first, last = history[0], history[-1]
     splits = [s for s in first if s != "iter"]
-    summary = dict(iterations=last["iter"], seconds=sum(sum(r["seconds"].values()) for r in log))
-    summary["curve"] = []  # every evaluation after the first, paired with it: the golden curve with its spread
-    for h in history[1:-1]:
+    summary = dict(iterations=last["iter"], seconds=sum(sum(r["seconds"].values()) for r in log), curve=[])
+    for h in history[1:] or [last]:  # every evaluation after the first, paired with it: the golden curve and its SE
+        when = f"evaluation at {h['iter']} {unit}"
+        if h is last:
+            when = f"final ({summary['iterations']} {unit}, {summary['seconds']:.0f} s of training)"
         for s in splits:
             keys, line = compare(s, first[s], h[s])
             summary["curve"].append(dict(iter=h["iter"], **keys))
-            print(f"evaluation at {h['iter']} {unit}: {line}", flush=True)
-    for s in splits:
-        keys, line = compare(s, first[s], last[s])
-        summary.update(keys)
-        summary["curve"].append(dict(iter=last["iter"], **keys))
-        print(f"final ({summary['iterations']} {unit}, {summary['seconds']:.0f} s of training): {line}", flush=True)
+            print(f"{when}: {line}", flush=True)
+    summary.update({k: v for entry in summary["curve"][-len(splits):] for k, v in entry.items() if k != "iter"})
     for k in ("golden_before", "golden_after", "golden_se", "reward_before", "reward_after"):  # the training split's
         if f"{k}_train" in summary:
             summary[k] = summary[f"{k}_train"]

@@ -44,7 +44,8 @@ from tqdm import tqdm
 
 import align
 import toy
-from model import SCORE_NORMALISATIONS, SDE_STEPS, grpo_loss, load_pipeline, sample, sd3_sigmas, seeded, velocity
+from model import (SCORE_NORMALISATIONS, SDE_STEPS, decode_latents, grpo_loss, load_pipeline, sample, sd3_sigmas, seeded,
+                   velocity)
 
 # -----------------------------------------------------------------------------
 # Presets: the values of the flags left at None
@@ -302,7 +303,7 @@ def rollout(args, run, it, rank, n_local, autocast):
 def score(args, run, ro, it, world, ddp, autocast):
     """-> (rewards (R, N) of all N images of the iteration (all-gathered), this rank's advantages (B,))."""
     keys = [(args.seed, it, i, REWARD_NOISE) for i in ro.mine]
-    decode = partial(align.decode_latents, run.vae)  # the oracle's only: latent rewards read the latents
+    decode = partial(decode_latents, run.vae)  # the oracle's only: latent rewards read the latents
     with torch.no_grad():
         with autocast:
             r_local = align.score_rewards(run.rewards, ro.latents, ro.prompts, run.table, keys, decode).cpu()
@@ -369,7 +370,7 @@ def proxy(args, run, lat, prompts):
     """The evaluation's proxy: the weighted sum of the rewards, re-noised by the fixed stream align.PROXY_NOISE."""
     keys = [(args.seed, align.PROXY_NOISE, i) for i in range(len(lat))]
     weights = torch.tensor(args.reward_weight)[:, None]
-    decode = partial(align.decode_latents, run.vae)
+    decode = partial(decode_latents, run.vae)
     return (weights * align.score_rewards(run.rewards, lat, prompts, run.table, keys, decode).cpu()).sum(0)
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -187,6 +188,14 @@ def load_transformer(backbone, path=None, seed=0, dtype=torch.float32, random_in
 def to_tensor(images):
     """PIL list -> (N,3,H,W) float in [-1, 1]."""
     return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+@torch.no_grad()
+def decode_latents(vae, z):
+    """Normalised latents (B,C,h,w) -> PIL images through the VAE: encode_images's inverse (evaluation, the toy oracle)."""
+    x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in x]
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ import align
 import data
 import toy
 from model import SCORE_NORMALISATIONS, SDE_STEPS, load_pipeline, sample, sd3_sigmas, sde_children, seeded, velocity
-from model import encode_images, to_tensor, x0_hat
+from model import decode_latents, encode_images, to_tensor, x0_hat
 
 # -----------------------------------------------------------------------------
 # Presets: the values of the flags left at None, by backbone
@@ -208,7 +208,7 @@ def successor_score(args, run, prompts, keys, k, kids, i):
     pe, pooled = align.embeds(run.table, rep, run.device)
     x0 = x0_hat(kids, t, velocity(run.transformer, kids, t, pe, pooled, args.cfg, run.neg)) if t > 0 else kids
     noise_keys = [(*key, i, j) for key in keys for j in range(k)]
-    decode = partial(align.decode_latents, run.vae)
+    decode = partial(decode_latents, run.vae)
     return (run.weights * align.score_rewards(run.rewards, x0, rep, run.table, noise_keys, decode)).sum(0)
 
 
@@ -249,7 +249,7 @@ def judge(args, run, lat, kept):
         keys = [(args.seed, align.PROXY_NOISE, c + j) for j in range(len(chunk))]
         r = align.score_rewards(run.rewards, chunk, names, run.table, keys)
         proxy.append((run.weights * r).sum(0).cpu())
-        decoded = align.decode_latents(run.vae, chunk)
+        decoded = decode_latents(run.vae, chunk)
         r = align.score_rewards(run.rewards, encode_images(run.vae, to_tensor(decoded)), names, run.table, keys)
         again.append((run.weights * r).sum(0).cpu())
         pil += decoded

@@ -15,9 +15,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ -> the repository root
 import toy  # noqa: E402
-from align import EVAL_SEED, decode_latents, embeds, encode_prompt_table  # noqa: E402
+from align import EVAL_SEED, embeds, encode_prompt_table  # noqa: E402
 from data import read_prompts  # noqa: E402
-from model import load_pipeline, sample, sd3_sigmas, seeded  # noqa: E402
+from model import decode_latents, load_pipeline, sample, sd3_sigmas, seeded  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--prompts", default="out/toy/prompts_train.txt")

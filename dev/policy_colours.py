@@ -20,8 +20,8 @@ from safetensors import safe_open
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ -> the repository root
 import grpo  # noqa: E402
 import toy  # noqa: E402
-from align import EVAL_SEED, decode_latents, embeds, load_state, swap_weights  # noqa: E402
-from model import sample, seeded  # noqa: E402
+from align import EVAL_SEED, embeds, load_state, swap_weights  # noqa: E402
+from model import decode_latents, sample, seeded  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("run", help="a grpo.py run folder (its ckpt.safetensors)")

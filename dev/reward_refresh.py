@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ -> the repository root
 import grpo  # noqa: E402
 import toy  # noqa: E402
-from align import decode_latents, load_state, setup_distributed, swap_weights  # noqa: E402
+from align import load_state, setup_distributed, swap_weights  # noqa: E402
+from model import decode_latents  # noqa: E402
 
 FRESH = 10_000  # the draws are grpo.rollout's iterations FRESH + n: seeds (prompt order, window, noise) no run drew
 

@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ -> the repository root
 import grpo  # noqa: E402
 import toy  # noqa: E402
-from align import decode_latents, load_state, setup_distributed, swap_weights  # noqa: E402
+from align import load_state, setup_distributed, swap_weights  # noqa: E402
+from model import decode_latents  # noqa: E402
 
 grpo.parser.add_argument("--probe-iters", type=int, default=2, help="iterations drawn (each: --groups x --group-size)")
 grpo.parser.add_argument("--policy", default=None, help="a grpo.py run folder: draw its policy's rollouts (its EMA "
