@@ -190,8 +190,6 @@ parser.add_argument("--flaw-strength", type=lambda s: tuple(map(float, s.split("
 parser.add_argument("--wrong-captions", type=float, default=0.25, help="share of the captions naming a wrong attribute")
 parser.add_argument("--wrong-attribute", default="color", choices=("color", "shape", "any"),
                     help="what a wrong caption names wrongly (never a held-out colour-shape combination)")
-parser.add_argument("--headroom-per-prompt", type=int, default=4, help="samples per prompt of the headroom report")
-parser.add_argument("--headroom-cfg", type=float, default=4.5, help="its guidance: the alignment stages' evaluation's")
 # VAE: L1 + L2 reconstruction + a small KL
 parser.add_argument("--vae-steps", type=int, default=200, help="the quick start's sizing (docs/results.md §9)")
 parser.add_argument("--vae-batch", type=int, default=32)
@@ -231,14 +229,12 @@ parser.add_argument("--bothbad", type=float, default=0.5, help="GenAI-Bench: bot
 parser.add_argument("--n-bench", type=int, default=300, help="pairs in each pairwise benchmark")
 # The SMALL preset (--small), the miniature world of the tests: each size is capped at its value here, so a smaller
 # flag given with --small still wins, and --n-train-pairs 0 (every pair) becomes 200.
-SMALL = dict(renders_per_prompt=4, headroom_per_prompt=2, vae_steps=3, vae_batch=8, gen_steps=3, gen_batch=8, warmup=1, sample_steps=2,
+SMALL = dict(renders_per_prompt=4, vae_steps=3, vae_batch=8, gen_steps=3, gen_batch=8, warmup=1, sample_steps=2,
              gen_per_prompt=1, train_gen_per_prompt=1, onpolicy_per_prompt=3, onpolicy_pool=2, bench_per_prompt=2,
              train_wrong=1, train_pools=1, n_train_pairs=200, n_test_pairs=60, test_train_prompts=2, n_bench=20)
 # Seed streams besides args.seed's own (numpy: renders, test set, benchmarks; torch: the VAE's and generator's batches)
 BENCH_SEED_OFFSET = 1_000_003  # the on-policy benchmark samples from seeds args.seed + this + k: never a training pool's
 TRAIN_POOL_STREAM = 1  # default_rng([args.seed, this]): the training pools' own stream, so they never redraw the test set
-HEADROOM_STREAM = 2  # default_rng([args.seed, this]): the headroom report's renders
-HEADROOM_SEED_OFFSET = 2_000_003  # the headroom report samples from seeds args.seed + this + k
 
 # ----------------------------------------------------------------------------- pure helpers
 
@@ -520,32 +516,6 @@ def draw_samples(pipe, prompts, seed, cfg, steps, batch=64):
 
 
 @torch.no_grad()
-def headroom(pipe, train_prompts, heldout_prompts, args):
-    """What alignment can fix: the golden score of fresh samples (--headroom-per-prompt per prompt, from seeds of their
-    own) with guidance on (--headroom-cfg) and off, against clean renders, per term (colour, shape, background:
-    0.2 each at best; quality 0.4), the share with the colour and the shape right, and the oracle's spread within one
-    prompt's samples (the mean over prompts of their std), on training prompts and held-out combinations."""
-    rng, k = np.random.default_rng([args.seed, HEADROOM_STREAM]), args.headroom_per_prompt
-    report = {}
-    for split, names in (("train", train_prompts), ("heldout", heldout_prompts)):
-        prompts = [p for p in names for _ in range(k)]
-        renders = [render_toy(*parse_toy_prompt(p), rng) for p in prompts]
-        for cfg in (args.headroom_cfg, 1.0, None):
-            images = renders if cfg is None else draw_samples(pipe, prompts, args.seed + HEADROOM_SEED_OFFSET, cfg,
-                                                              args.sample_steps).images
-            terms = toy_golden_score(images, prompts, parts=True)
-            reads = match_stats(images, prompts)
-            report[f"{split}_{'renders' if cfg is None else f'cfg{cfg:g}'}"] = dict(
-                golden=float(terms["score"].mean()), spread=float(terms["score"].reshape(-1, k).std(1).mean()),
-                color_right=reads["color"], shape_right=reads["shape"],
-                **{t: float(terms[t].mean()) for t in ("color", "shape", "background", "quality")})
-    for name, r in report.items():
-        print(f"headroom {name}: golden {r['golden']:.3f} (spread {r['spread']:.3f}), colour right {r['color_right']:.2f}, "
-              f"shape right {r['shape_right']:.2f}, quality term {r['quality']:.3f} of 0.4")
-    return report
-
-
-@torch.no_grad()
 def sample_generator(pipe, train_prompts, heldout_prompts, args, root):
     """The pipeline's own samples for the training pools and, from other seeds, for the on-policy benchmark and the test
     pools (no test image is a training image); saves pipeline/ and samples.png -> both Samples, the match rates."""
@@ -721,7 +691,6 @@ def main(args):
         train_generator(pipe, latents, captions, train_prompts, args, g)
     t0 = lap(timings, "generator", t0)
     train_samples, bench_samples, summary["generator"] = sample_generator(pipe, train_prompts, heldout_prompts, args, tmp)
-    summary["headroom"] = headroom(pipe, train_prompts, heldout_prompts, args)
     t0 = lap(timings, "sample", t0)
     test, given, summary["pairs"] = preference_pairs(train_samples, bench_samples, train_prompts, heldout_prompts, rng,
                                                      args, tmp)

@@ -43,8 +43,8 @@ parser.add_argument("--eval-cfg", type=float, default=4.5)
 parser.add_argument("--seed", type=int, default=0, help="the run's --seed: its proxy's re-noising stream")
 parser.add_argument("--pipeline-seeds", type=int, default=0, help="pipeline samples per prompt of each split (0: none)")
 
-# toy.draw_samples seeds the pipeline's batch k by this + k: apart from toy.py's sampling streams (its seed,
-# + BENCH_SEED_OFFSET, + HEADROOM_SEED_OFFSET, each + k) and the stages' rollouts and evaluation (model.seeded, 3+ keys)
+# toy.draw_samples seeds the pipeline's batch k by this + k: apart from toy.py's sampling streams (its seed and
+# + BENCH_SEED_OFFSET, each + k) and the stages' rollouts and evaluation (model.seeded, 3+ keys)
 PIPELINE_SEED = 3_000_003
 
 

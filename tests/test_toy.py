@@ -176,10 +176,9 @@ def test_files_and_formats(world):
     assert Image.open(os.path.join(world, "samples.png")).size[0] > 96
 
 
-def test_web_like_mix_and_headroom_report(world, tmp_path):
+def test_web_like_mix(tmp_path):
     """The generator's training set holds the flawed share of corrupted renders and the wrong-caption share of wrong
-    captions, never a held-out combination; the headroom report covers both splits with guidance on and off beside
-    clean renders (golden 1, the full quality term), each term within its weight."""
+    captions, never a held-out combination."""
     rng = np.random.default_rng(0)
     prompts = [p for p in toy.all_prompts() if not toy.is_heldout(p)]
     args = toy.parser.parse_args(["--renders-per-prompt", "4", "--flawed-share", "0.5", "--wrong-captions", "0.25",
@@ -192,12 +191,22 @@ def test_web_like_mix_and_headroom_report(world, tmp_path):
                for c, p in zip(captions, drawn) if c != p)  # exactly one attribute named wrongly
     quality = toy_golden_score(x, drawn, parts=True)["quality"]
     assert (quality < 0.39).sum() >= 0.4 * len(drawn)  # about half are flawed (a mild flaw can read as nearly clean)
-    s = load(os.path.join(world, "summary.json"))["headroom"]
-    assert set(s) == {f"{split}_{kind}" for split in ("train", "heldout") for kind in ("cfg4.5", "cfg1", "renders")}
-    for name, r in s.items():
-        assert 0 <= r["color"] <= 0.2 + 1e-6 and 0 <= r["shape"] <= 0.2 + 1e-6 and 0 <= r["quality"] <= 0.4 + 1e-6
-        assert r["spread"] >= 0 and 0 <= r["color_right"] <= 1
-    assert s["train_renders"]["golden"] > 0.99 and s["heldout_renders"]["color_right"] == 1
+
+
+def test_golden_headroom_report(world, monkeypatch):
+    """dev/golden_headroom.py on the miniature world: both splits, renders, VAE round trips and samples with guidance
+    on and off; clean renders score golden 1 with the colour right, each term within its weight."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(toy.__file__)), "dev"))
+    import golden_headroom
+    s = golden_headroom.headroom(world, per_prompt=2, steps=2)
+    kinds = ("renders", "vae", "cfg4.5", "cfg1")
+    assert set(s) == {f"{split}_{kind}" for split in ("train", "heldout") for kind in kinds}
+    for r in s.values():
+        assert 0 <= r["color"] <= 0.2 + 1e-6 and 0 <= r["shape"] <= 0.2 + 1e-6 and 0 <= r["background"] <= 0.2 + 1e-6
+        assert 0 <= r["quality"] <= 0.4 + 1e-6 and r["golden"] == pytest.approx(sum(r[t] for t in golden_headroom.TERMS))
+        assert r["spread"] >= 0 and 0 <= r["color_right"] <= 1 and 0 <= r["shape_right"] <= 1
+    for split in ("train", "heldout"):
+        assert s[f"{split}_renders"]["golden"] > 0.99 and s[f"{split}_renders"]["color_right"] == 1
 
 
 def test_pipeline_reloads(world):
