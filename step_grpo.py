@@ -7,10 +7,11 @@ PPO-clipped step on every child's log-probability; the k children of a parent sh
 
 Toy world (after the quick start `python train_reward.py`):
     python step_grpo.py                              # k = 2, 12 iterations, the latent reward out/reward-toy-dina
-    python step_grpo.py --iters 24 --eval-interval 8 --out out/step-grpo-24   # the forwards of grpo.py's out/grpo-full
+    python step_grpo.py --trajectories 192 --train-steps 0,1 --lr 2e-3 --beta 0 --iters 8 --eval-seeds 12 \
+        --heldout-seeds 24 --out out/step-grpo-eq          # the generator forwards of `python grpo.py --out out/grpo`
     python step_grpo.py --k 4 --iters 24 --eval-interval 8 --out out/step-grpo-k4
     python step_grpo.py --continue best --out out/step-grpo-best
-    python scripts/compare_step_grpo.py out/grpo-full out/step-grpo-24 out/step-grpo-k4   # golden vs steps, wall time
+    python scripts/compare_step_grpo.py out/grpo out/step-grpo-eq   # golden vs iterations and wall time
 SD3.5-M with a DRM reward trained here, 8 GPUs:
     torchrun --nproc_per_node=8 step_grpo.py --backbone sd35m --reward out/reward-sd35m-drm \
         --prompts prompts_train.txt --eval-prompts prompts_eval.txt --heldout-prompts prompts_heldout.txt \
@@ -33,8 +34,8 @@ What DRM leaves open, and our defaults (docs/design.md §10):
     KL, clip, lr, LoRA as grpo.py (Flow-GRPO's recipe; the toy's laptop values).
 The sizes of the flags left alone come from a preset (PRESETS below, printed at start): the toy's on the toy and tiny
 backbones, else SD3.5's. The rollout and training forwards per iteration equal grpo.py's at the same number of
-trajectories (and images), so the two compare at the same generator forwards per iteration; the k x (trained steps)
-reward calls are the extra cost (printed each iteration).
+trajectories (and images) and trained steps (its --sde-window), so the two compare at the same generator forwards per
+iteration; the k x (trained steps) reward calls are the extra cost (printed each iteration).
 """
 
 import argparse
@@ -61,8 +62,9 @@ PRESETS = {
     # 24 images per iteration, 2 updates, lr 3e-4, LoRA r 32 alpha 64
     "flow-grpo": dict(iters=1000, trajectories=1152, updates=2, batch=8, resolution=512, eval_steps=40, eval_seeds=2,
                       heldout_seeds=2, lr=3e-4, lora_rank=32, lora_alpha=64, eval_interval=25, ckpt_interval=25),
-    # the toy world's laptop sizing: grpo.py's toy images per iteration (48) and lr; 12 iterations, since an iteration
-    # adds the children's reward calls to grpo.py's forwards (measured: docs/log.md)
+    # the toy world's laptop sizing: grpo.py's toy images per iteration and lr before its defaults moved to a 2-step
+    # window (48, 5e-3); 12 iterations, since an iteration adds the children's reward calls (measured: docs/log.md).
+    # At grpo.py's present operating point (the docstring's out/step-grpo-eq) it gains no more (docs/results.md §6)
     "toy": dict(iters=12, trajectories=48, updates=1, batch=48, resolution=32, eval_steps=10, eval_seeds=4,
                 heldout_seeds=12, lr=5e-3, lora_rank=8, lora_alpha=16, eval_interval=6, ckpt_interval=6),
 }
