@@ -11,6 +11,7 @@ Toy world (after the quick start `python train_reward.py`):
     python refl.py
     python refl.py --fm-weight 0 --out out/refl-nofm          # without the pretraining (flow-matching) loss
     python refl.py --grad-steps 1 --out out/draft-1           # DRaFT-1; --grad-steps 3 --grad-steps-random: AlignProp
+    python refl.py --round-trip --out out/refl-rt             # the reward reads the VAE round trip of x0_hat
 SD3.5-M with a DiNa-LRM reward trained here, 8 GPUs (real latents: a train_reward.py --cache-only cache):
     torchrun --nproc_per_node=8 refl.py --backbone sd35m --reward out/reward-sd35m-dina --prompts prompts_train.txt \
         --eval-prompts prompts_eval.txt --heldout-prompts prompts_heldout.txt --fm-weight 1 \
@@ -132,6 +133,8 @@ parser.add_argument("--grad-clip", type=float, default=1.0)
 parser.add_argument("--lora-rank", type=int, default=None, help="rank of the policy's LoRA (preset)")
 parser.add_argument("--lora-alpha", type=int, default=None, help="its alpha (preset)")
 parser.add_argument("--ema", type=float, default=0.9, help="EMA decay of the LoRA weights, stepped every step; 0 = off")
+parser.add_argument("--round-trip", action="store_true", help="the reward reads E(D(x0_hat)), the VAE round trip of "
+                    "its latent, with the gradient through both: only what the decoder shows is climbed")
 parser.add_argument("--early-stop", type=int, default=0, help="stop when the held-out proxy has not risen for this "
                     "many evaluations, and export the best evaluation's weights (0 = off)")
 parser.add_argument("--out", default="out/refl")
@@ -244,6 +247,7 @@ def build(args, device):
     opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     ema = {n: p.detach().clone() for n, p in params.items()}
     shift = pipe.scheduler.config.get("shift", 3.0)  # the generator's own schedule (SD3.5: 3)
+    pipe.vae.requires_grad_(False)  # frozen; --round-trip back-propagates through it to the latents only
     return Run(transformer, pipe.vae, oracle, rewards, table, train_prompts, splits, fm, shape,
                sd3_sigmas(args.steps, shift), sd3_sigmas(args.eval_steps, shift), align.embeds(table, [""], device),
                params, ema, opt, device)
@@ -265,6 +269,15 @@ def rollout(args, run, it, rows, prompts, mid, autocast):
         return sample(run.transformer, z, run.sigmas[:mid + 1], pe, pooled, args.cfg, run.neg)["latents"]
 
 
+def round_trip(vae, z):
+    """Normalised latents (B,C,h,w) -> the normalised posterior means of their decoded images, differentiable (the
+    inverse pair model.decode_latents / encode_images, without their no_grad, rounding and clamp). At SD3.5's 1024 px
+    it adds a VAE decoder and encoder forward and backward per image, several times the reward's cost."""
+    shift = vae.config.shift_factor or 0.0
+    x = vae.decode(z / vae.config.scaling_factor + shift).sample
+    return (vae.encode(x).latent_dist.mean - shift) * vae.config.scaling_factor
+
+
 def losses(args, run, x, it, rows, prompts, mid, autocast):
     """From x at step mid with gradient: ReFL's one conditional step and x0_hat, or DRaFT's guided Euler steps mid..N-1
     and the final latent; their weighted rewards (re-noised by the stream REWARD_NOISE), ReFL's loss, with L_fm on real
@@ -281,6 +294,8 @@ def losses(args, run, x, it, rows, prompts, mid, autocast):
         else:  # ReFL: one conditional step, then the one-step prediction of the clean latent
             v = velocity(run.transformer, x, run.sigmas[mid], pe, pooled)
             lat = x0_hat(x, float(run.sigmas[mid]), v)
+        if args.round_trip:
+            lat = round_trip(run.vae, lat)
         r = (weights * align.score_rewards(run.rewards, lat, prompts, run.table, keys)).sum(0)
         loss = refl_loss(r, args.target, args.loss)
         if run.fm is not None:

@@ -361,6 +361,23 @@ def test_refl_control_still_reports_the_proxy(world, tmp_path):
     assert w0["reward_reencoded_before_train"] == pytest.approx(w1["reward_reencoded_before_train"], rel=1e-6)
 
 
+def test_refl_round_trip_is_the_evaluations_round_trip_with_gradient(world, tmp_path):
+    """--round-trip: the reward reads encode(decode(z)), the evaluation's re-encoding before its clamp and rounding,
+    with a gradient that reaches the latents; one step of the stage runs with it."""
+    vae = make_tiny_pipeline(0).vae.requires_grad_(False)
+    vae.register_to_config(shift_factor=0.1, scaling_factor=1.3)
+    z = torch.randn(2, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    got = refl.round_trip(vae, z)
+    x = vae.decode(z.detach() / 1.3 + 0.1).sample
+    assert torch.allclose(got, model.encode_images(vae, x), atol=1e-5)
+    got.square().sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    for name, extra in (("plain", ()), ("rt", ("--round-trip",))):  # the same step's draws, the reward reads another z
+        refl.main(refl_args(world, tmp_path / name, "--iters", "1", *extra))
+    first = [json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0]) for name in ("plain", "rt")]
+    assert first[0]["mid"] == first[1]["mid"] and first[0]["reward"] != pytest.approx(first[1]["reward"], abs=1e-4)
+
+
 def refl_args(w, out, *extra):
     return refl.parser.parse_args(["--backbone", "tiny", "--reward", str(w / "reward"), "--prompts", str(w / "train.txt"),
                                    "--fm-weight", "0",
