@@ -272,7 +272,7 @@ def rollout(args, run, it, rows, prompts, mid, autocast):
 def round_trip(vae, z):
     """Normalised latents (B,C,h,w) -> the normalised posterior means of their decoded images, differentiable (the
     inverse pair model.decode_latents / encode_images, without their no_grad, rounding and clamp). At SD3.5's 1024 px
-    it adds a VAE decoder and encoder forward and backward per image, several times the reward's cost."""
+    it adds a VAE decoder and encoder, forward and backward, per image, their activations at full resolution."""
     shift = vae.config.shift_factor or 0.0
     x = vae.decode(z / vae.config.scaling_factor + shift).sample
     return (vae.encode(x).latent_dist.mean - shift) * vae.config.scaling_factor
