@@ -414,6 +414,10 @@ def refl_by_hand(args, k):
     for i in range(first, args.steps if k else first):
         v_u, v_c = v(x, run.sigmas[i], neg_pe, neg_pooled), v(x, run.sigmas[i], pe, pooled)
         x = x + (run.sigmas[i + 1] - run.sigmas[i]) * (v_u + args.cfg * (v_c - v_u))
+    if args.round_trip:  # the VAE's decoder, then its encoder's posterior mean, in the normalised latent space
+        cfg = run.vae.config
+        x = run.vae.decode(x / cfg.scaling_factor + (cfg.shift_factor or 0.0)).sample
+        x = (run.vae.encode(x).latent_dist.mean - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
     eps = torch.stack([torch.randn(4, *run.shape, generator=seeded(args.seed, 0, i, refl.REWARD_NOISE))
                        for i in range(args.batch)])
     r = run.rewards[0]["model"].score(x, pe, pooled, t=run.rewards[0]["t"], noise=eps)
@@ -425,7 +429,8 @@ def test_refl_gradient_is_autograd_through_the_last_k_steps(world, tmp_path, mon
     """--grad-steps K (DRaFT-K; K = 4: all steps; AlignProp's random K): the first update's LoRA gradient, accumulated
     over two micro-batches with each step checkpointed when K > 1, equals autograd's through K hand-written Euler
     steps of the guided ODE, and the logged reward is that of the final latent; the default (ReFL) equals its
-    conditional step at mid. The gradients of K = 0, 1, 2 and 4 all differ."""
+    conditional step at mid, and with --round-trip the reward read through the VAE's decoder and encoder. The
+    gradients of K = 0, 1, 2 and 4 all differ."""
     real_step, grads = align.optimizer_step, []
 
     def capture(params, *a, **kw):
@@ -435,7 +440,7 @@ def test_refl_gradient_is_autograd_through_the_last_k_steps(world, tmp_path, mon
     real_checkpoint, recomputed = refl.checkpoint, []
     monkeypatch.setattr(refl, "checkpoint", lambda *a, **kw: recomputed.append(1) or real_checkpoint(*a, **kw))
     cases = [[], ["--grad-steps", "1"], ["--grad-steps", "2"], ["--grad-steps", "4"],
-             ["--grad-steps", "3", "--grad-steps-random"]]
+             ["--grad-steps", "3", "--grad-steps-random"], ["--round-trip"]]
     for flags in cases:
         out = tmp_path / "_".join(["k", *flags])
         recomputed.clear()
@@ -443,8 +448,8 @@ def test_refl_gradient_is_autograd_through_the_last_k_steps(world, tmp_path, mon
         rec = log(out)[0]
         assert len(recomputed) == (2 * rec["k"] if rec["k"] > 1 else 0)  # each step checkpointed, per micro-batch
         want, reward = refl_by_hand(refl_args(world, out, *flags), rec["k"])
-        assert rec["k"] == (int(flags[1]) if len(flags) == 2 else 0 if not flags else rec["k"])
-        assert rec["mid"] == 4 - rec["k"] if flags else 2 <= rec["mid"] < 4
+        assert rec["k"] == (int(flags[1]) if len(flags) == 2 else 0 if len(flags) < 2 else rec["k"])
+        assert rec["mid"] == 4 - rec["k"] if rec["k"] else 2 <= rec["mid"] < 4
         assert rec["reward"] == pytest.approx(reward, rel=1e-5, abs=1e-6)
         assert sum(g.abs().sum() for g in want.values()) > 0
         for n in want:
