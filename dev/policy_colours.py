@@ -28,6 +28,13 @@ parser.add_argument("run", help="a grpo.py run folder (its ckpt.safetensors)")
 parser.add_argument("--seeds", type=int, default=4, help="images per training prompt (the evaluation's first seeds)")
 
 
+def drawn_colour(images):
+    """The palette colour the oracle reads as each image's object colour (the nearest to toy_read's foreground)."""
+    fg = toy.toy_read(images)["fg"]
+    names = list(toy.TOY_COLORS)
+    return [names[j] for j in toy._soft_pick(fg, toy._COL, 25.0).argmax(1)]
+
+
 @torch.no_grad()
 def drawn_colours(run, prompts, seeds, cfg):
     """-> the palette colour read off each image, image k of prompt i from the evaluation's seed (EVAL_SEED, k, i)."""
@@ -37,11 +44,8 @@ def drawn_colours(run, prompts, seeds, cfg):
     pe, pooled = embeds(run.table, [p for p, _, _ in items], run.device)
     latents = sample(run.transformer, noise, run.eval_sigmas, pe, pooled, cfg, embeds(run.table, [""], run.device))["latents"]
     images = decode_latents(run.vae, latents)
-    fg = toy.toy_read(images)["fg"]
     quality = toy.toy_golden_score(images, [p for p, _, _ in items], parts=True)["quality"]
-    names = list(toy.TOY_COLORS)
-    got = [names[j] for j in toy._soft_pick(fg, toy._COL, 25.0).argmax(1)]
-    return got, [toy.parse_toy_prompt(p)[0] for p, _, _ in items], quality
+    return drawn_colour(images), [toy.parse_toy_prompt(p)[0] for p, _, _ in items], quality
 
 
 def main(a):

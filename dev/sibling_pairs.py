@@ -24,6 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dev/ -> the repository root
 import toy  # noqa: E402
+from policy_colours import drawn_colour  # noqa: E402  (dev/ is on the path of a script run from it)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--world", default="out/toy", help="a built toy world: its train.json names the generator's samples")
@@ -33,13 +34,6 @@ parser.add_argument("--raters", type=int, default=5, help="annotators per pair (
 parser.add_argument("--rater-noise", type=float, default=0.1)
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", default=None, help="default: <world>/train_sibling.json")
-
-
-def drawn_colour(images):
-    """The palette colour the oracle reads as each image's object colour."""
-    fg = toy.toy_read(images)["fg"]
-    names = list(toy.TOY_COLORS)
-    return [names[j] for j in toy._soft_pick(fg, toy._COL, 25.0).argmax(1)]
 
 
 def pools(records):
