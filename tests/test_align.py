@@ -640,7 +640,7 @@ def test_sample_stepwise_stage_and_bad_input(world, tmp_path, monkeypatch):
         return sample_stepwise.main(sample_stepwise.parser.parse_args([
             "--backbone", "tiny", "--reward", str(world / "reward"), "--prompts", str(world / "train.txt"),
             "--seeds", "2", "--steps", "3", "--out", str(tmp_path / "s"), *extra]))
-    run("--k", "1", "2")
+    run("--k", "1", "2", "--ode")
     res = json.loads((tmp_path / "s/results.json").read_text())["results"]
     assert set(res) == {"ode", "1", "2"} and len(res["2"]["kept_reward_per_step"]) == 3
     assert res["2"]["proxy"] != res["1"]["proxy"] and "generator forward" in (tmp_path / "s/table.md").read_text()
