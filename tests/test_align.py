@@ -261,8 +261,9 @@ def test_load_rewards_reads_released_folders(world, tmp_path):
 
 
 def test_no_decode_or_text_encoding_in_the_loop(world, tmp_path, monkeypatch):
-    """The VAE and the text encoders raise outside the one prompt encoding and the evaluations (GRPO, ReFL, DRaFT); the
-    evaluations do decode and re-encode (the round trip), so the guard is live."""
+    """The VAE and the text encoders raise outside the one prompt encoding and the evaluations (GRPO, ReFL and DRaFT on
+    the latents: --round-trip, the toy's ReFL preset, decodes by design); the evaluations do decode and re-encode (the
+    round trip), so the guard is live."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModelWithProjection
     allowed, calls = {"on": False}, {"encode": 0, "decode": 0, "AutoencoderKL.encode": 0}
@@ -380,7 +381,7 @@ def test_refl_round_trip_is_the_evaluations_round_trip_with_gradient(world, tmp_
 
 def refl_args(w, out, *extra):
     return refl.parser.parse_args(["--backbone", "tiny", "--reward", str(w / "reward"), "--prompts", str(w / "train.txt"),
-                                   "--fm-weight", "0",
+                                   "--fm-weight", "0", "--no-round-trip",  # the latents alone (the toy's preset: on)
                                    "--heldout-prompts", str(w / "heldout.txt"), "--batch", "4", "--micro-batch", "2",
                                    "--steps", "4", "--mid-range", "2,4", "--eval-steps", "3", "--eval-seeds", "1",
                                    "--heldout-seeds", "1",
