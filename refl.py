@@ -2,8 +2,8 @@
 ReFL with the latent reward (ImageReward's Reward Feedback Learning; DiNa-LRM's latent version): sample with the ODE and
 no gradient down to a random late step, take one conditional generator step with gradient, predict the clean latent
 x0_hat = x_t - sigma v, and let the frozen latent reward score x0_hat (re-noised to its noise level with seeded noise)
-with its gradient flowing back into the LoRA policy. No VAE decode, no text encoding: the reward reads latents (the
-toy's preset reads them through the VAE's round trip, cheap at 32 px; --no-round-trip: the latents alone).
+with its gradient flowing back into the LoRA policy. No text encoding, and on SD3.5 no VAE decode: the reward reads
+latents (the toy's preset reads them through the VAE's round trip, cheap at 32 px; --no-round-trip: latents alone).
 --grad-steps K >= 1 back-propagates through more than one step instead: DRaFT-K (Clark et al. 2023) samples the whole
 ODE, the last K steps with gradient, and the reward scores the final latent; --grad-steps-random draws K from 1..K
 every step (AlignProp's randomised truncation, Prabhudesai et al. 2023).

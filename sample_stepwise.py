@@ -12,8 +12,8 @@ Toy world (after the quick start `python train_reward.py`):
 SD3.5-M with a reward trained here (DRM's setting: 512x512, 50 steps):
     python sample_stepwise.py --backbone sd35m --reward out/reward-sd35m-drm --prompts prompts.txt --k 1 2 4 6
 
-In plain sight (main): for each k (and with --ode the ODE), sample every image (sample_all) -> judge the final latents (the proxy
-reward, and on the toy the golden oracle) -> the FLOPs of one step -> the files (write_outputs).
+In plain sight (main): for each k (and with --ode the ODE), sample every image (sample_all) -> judge the final latents
+(the proxy reward, and on the toy the golden oracle) -> the FLOPs of one step -> the files (write_outputs).
 
 Writes <out>/images/k<k>/<prompt>_<seed>.png (decoded once, at the end), <out>/grid.png (k = 1 above the largest k,
 same prompts and seeds), <out>/table.md and <out>/results.json: per k, seconds per image, the proxy reward of the final
