@@ -83,12 +83,8 @@ def main(a):
         sl = toy.toy_golden_score([images[p] for p in left], [prompt] * len(left))
         sr = toy.toy_golden_score([images[p] for p in right], [prompt] * len(right))
         votes = toy.toy_annotate(sl, sr, a.raters, rng, a.rater_noise)
-        for i, j, v in zip(left, right, votes):
-            v = int(v)
-            if 2 * v < a.raters:
-                i, j, v = j, i, a.raters - v
-            added.append(dict(prompt=prompt, path1=i, path2=j, choice_dist=[v, a.raters - v],
-                              confidence=v / a.raters, model1="generator", model2="generator"))
+        items = [toy.Item(path, "generator", prompt) for path in left + right]  # both judged under the pool's prompt
+        added += toy.hpdv3_records(items, [(k, len(left) + k) for k in range(len(left))], votes, a.raters)
     own_first = np.mean([own[r["path1"]] == r["prompt"] for r in added])
     print(f"{len(paths)} generator samples, {len(faithful)} drawn in their prompt's colour; {len(added)} sibling "
           f"pairs over {len(unused)} prompts, the prompt's own sample preferred in {own_first:.1%}")
